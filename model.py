@@ -1,0 +1,521 @@
+"""SSD300 (Liu et al., "SSD: Single Shot MultiBox Detector", ECCV 2016): the network, its
+8732 priors, the MultiBox loss and the decoding of predictions into detections.
+
+    model = SSD300(n_classes=21)                 # 20 VOC classes + background (class 0)
+    locs, scores = model(images)                 # N x 8732 x 4, N x 8732 x 21
+    loss, loc_loss, conf_loss = MultiBoxLoss(model.priors_cxcy)(locs, scores, boxes, labels)
+    boxes, labels, scores = model.detect_objects(locs, scores, 0.01, 0.45, 200)
+"""
+import math
+from collections import OrderedDict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torchvision.ops import batched_nms, box_iou
+
+from utils import cxcy_to_xy, decode, encode, xy_to_cxcy
+
+# The six prediction maps: (name, side of the square feature map, extra aspect ratios).
+# Each location has a square prior of the map's min size, a square of sqrt(min * max),
+# and for each ratio r in the list a prior of r and one of 1/r (w = s*sqrt(r), h = s/sqrt(r)).
+FEATURE_MAPS = [
+    ("conv4_3", 38, [2.0]),
+    ("conv7", 19, [2.0, 3.0]),
+    ("conv8_2", 10, [2.0, 3.0]),
+    ("conv9_2", 5, [2.0, 3.0]),
+    ("conv10_2", 3, [2.0]),
+    ("conv11_2", 1, [2.0]),
+]
+# Prior sizes in pixels of a 300-pixel image, from the original Caffe model that reached
+# 77.2 mAP (the paper's formula s_k = 0.2 + 0.7 (k-1)/(m-1) with a special 0.1 for conv4_3,
+# rounded to whole pixels the way the released ssd_pascal.py does).
+MIN_SIZES = [30, 60, 111, 162, 213, 264]
+MAX_SIZES = [60, 111, 162, 213, 264, 315]
+IMAGE_SIZE = 300
+
+# VGG16 convolutions, block by block (torchvision's `features` holds them in this order).
+VGG16_BLOCKS = [[64, 64], [128, 128], [256, 256, 256], [512, 512, 512], [512, 512, 512]]
+
+
+def n_boxes_per_location(ratios):
+    return 2 + 2 * len(ratios)
+
+
+def create_priors(feature_maps=FEATURE_MAPS, min_sizes=MIN_SIZES, max_sizes=MAX_SIZES,
+                  image_size=IMAGE_SIZE):
+    """The default boxes ("priors") in fractional centre-size form: (8732, 4).
+
+    Order: map by map; within a map row by row, column by column (the order of the head's
+    permute(0, 2, 3, 1) flatten); within a location the boxes in the order listed above.
+    Not clipped to the image: the original author found unclipped priors slightly better.
+    """
+    priors = []
+    for (_, f, ratios), s_min, s_max in zip(feature_maps, min_sizes, max_sizes):
+        s = s_min / image_size
+        s_prime = math.sqrt(s_min * s_max) / image_size
+        shapes = [(s, s), (s_prime, s_prime)]
+        for r in ratios:
+            shapes += [(s * math.sqrt(r), s / math.sqrt(r)), (s / math.sqrt(r), s * math.sqrt(r))]
+        shapes = torch.tensor(shapes)                                 # B x 2
+        centres = (torch.arange(f, dtype=torch.float32) + 0.5) / f
+        cy, cx = torch.meshgrid(centres, centres, indexing="ij")      # f x f each
+        cxcy = torch.stack([cx, cy], dim=-1).reshape(-1, 1, 2).expand(-1, len(shapes), 2)
+        wh = shapes.reshape(1, -1, 2).expand(f * f, -1, 2)
+        priors.append(torch.cat([cxcy, wh], dim=-1).reshape(-1, 4))
+    return torch.cat(priors)
+
+
+# ----------------------------------------------------------------------------------------
+# Base networks
+# ----------------------------------------------------------------------------------------
+
+def scaled(channels, width):
+    """Channel count under a width multiplier (used by the small CPU presets)."""
+    return max(4, int(round(channels * width)))
+
+
+class L2Norm(nn.Module):
+    """conv4_3's features have a larger scale than the deeper ones, so the paper L2-normalises
+    each location's feature vector and multiplies by a learned per-channel scale (init 20)."""
+
+    def __init__(self, channels, scale=20.0, eps=1e-10):
+        super().__init__()
+        self.weight = nn.Parameter(torch.full((channels,), scale))
+        self.eps = eps
+
+    def forward(self, x):
+        # In float32 even under mixed precision: the sum of squares overflows fp16.
+        x32 = x.float()
+        norm = x32.pow(2).sum(dim=1, keepdim=True).sqrt() + self.eps
+        return (x32 / norm * self.weight.float().view(1, -1, 1, 1)).to(x.dtype)
+
+
+class VGGBase(nn.Module):
+    """VGG16 cut at conv5_3, with pool5 as 3x3/s1 and fc6/fc7 turned into convolutions.
+
+    Returns the conv4_3 (38x38) and conv7 (19x19) feature maps for a 300x300 input.
+    """
+
+    def __init__(self, width=1.0):
+        super().__init__()
+        self.out_channels = (scaled(512, width), scaled(1024, width))
+        layers, in_c = OrderedDict(), 3
+        for b, block in enumerate(VGG16_BLOCKS, start=1):
+            if b > 1:
+                # pool3 in ceil mode turns 75x75 into 38x38, as in the original model.
+                layers[f"pool{b - 1}"] = nn.MaxPool2d(2, 2, ceil_mode=(b == 4))
+            for i, c in enumerate(block, start=1):
+                layers[f"conv{b}_{i}"] = nn.Conv2d(in_c, scaled(c, width), 3, padding=1)
+                layers[f"relu{b}_{i}"] = nn.ReLU(inplace=True)
+                in_c = scaled(c, width)
+            if b == 4:
+                self.to_conv4_3 = nn.Sequential(layers)   # conv1_1 ... relu4_3
+                layers = OrderedDict()
+        layers["pool5"] = nn.MaxPool2d(3, stride=1, padding=1)
+        # conv6 is atrous: fc6 subsampled to 3x3 with dilation 6 keeps its receptive field.
+        layers["conv6"] = nn.Conv2d(in_c, self.out_channels[1], 3, padding=6, dilation=6)
+        layers["relu6"] = nn.ReLU(inplace=True)
+        layers["conv7"] = nn.Conv2d(self.out_channels[1], self.out_channels[1], 1)
+        layers["relu7"] = nn.ReLU(inplace=True)
+        self.to_conv7 = nn.Sequential(layers)              # pool4 ... relu7
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):                   # as torchvision's VGG from scratch
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        conv4_3 = self.to_conv4_3(x)          # N x 512 x 38 x 38
+        conv7 = self.to_conv7(conv4_3)        # N x 1024 x 19 x 19
+        return conv4_3, conv7
+
+    def load_pretrained(self, source=True):
+        """Copy ImageNet VGG16 weights in, with fc6/fc7 decimated into conv6/conv7.
+
+        source: True for torchvision's IMAGENET1K_V1 weights (downloaded and cached by
+        torchvision on first use), or the path of a saved torchvision VGG16 state dict.
+        """
+        self.load_state_dict(vgg16_to_ssd_base(load_vgg16_state_dict(source), self.state_dict()))
+
+
+def load_vgg16_state_dict(source):
+    """torchvision VGG16 state dict from its weights API or from a local file."""
+    try:
+        if isinstance(source, str):
+            return torch.load(source, map_location="cpu", weights_only=True)
+        weights = torchvision.models.VGG16_Weights.IMAGENET1K_V1
+        return weights.get_state_dict(progress=True, check_hash=True)
+    except Exception as e:
+        where = source if isinstance(source, str) else "torchvision's download server"
+        raise RuntimeError(
+            f"Could not load ImageNet VGG16 weights from {where} ({type(e).__name__}: {e}).\n"
+            "Either connect to the internet once (torchvision caches the file under "
+            "~/.cache/torch/hub/checkpoints), or download vgg16-397923af.pth elsewhere and "
+            "pass its path (--pretrained PATH), or train from scratch with --no-pretrained "
+            "(pretrained=False).") from e
+
+
+def decimate(tensor, steps):
+    """Keep every steps[d]-th element along each dimension d (None = keep all)."""
+    for d, step in enumerate(steps):
+        if step is not None:
+            tensor = tensor.index_select(d, torch.arange(0, tensor.size(d), step))
+    return tensor
+
+
+def vgg16_to_ssd_base(vgg, base_state):
+    """Map a torchvision VGG16 state dict onto VGGBase's parameter names.
+
+    The 13 convolutions map one to one. fc6 (4096 x 25088 = 4096 x 512x7x7) becomes conv6
+    (1024 x 512 x 3x3) by keeping every 4th output unit and every 3rd position of the 7x7
+    kernel; fc7 (4096 x 4096) becomes conv7 (1024 x 1024 x 1x1) by keeping every 4th output
+    and input unit, as the paper describes.
+    """
+    ours = [k for k in base_state
+            if k.endswith(".weight") and not k.endswith(("conv6.weight", "conv7.weight"))]
+    theirs = [k for k in vgg if k.startswith("features.") and k.endswith(".weight")]
+    if len(ours) != len(theirs) or len(theirs) != 13:
+        raise ValueError(f"expected 13 VGG16 convolutions, found {len(theirs)}")
+    new = {}
+    for o, t in zip(ours, theirs):
+        if vgg[t].shape != base_state[o].shape:
+            raise ValueError(f"{t} has shape {tuple(vgg[t].shape)}, {o} needs "
+                             f"{tuple(base_state[o].shape)} (pretrained weights need width 1)")
+        new[o], new[o[:-6] + "bias"] = vgg[t], vgg[t[:-6] + "bias"]
+    fc6_w = vgg["classifier.0.weight"].view(4096, 512, 7, 7)
+    new["to_conv7.conv6.weight"] = decimate(fc6_w, [4, None, 3, 3])        # 1024 x 512 x 3 x 3
+    new["to_conv7.conv6.bias"] = decimate(vgg["classifier.0.bias"], [4])
+    fc7_w = vgg["classifier.3.weight"].view(4096, 4096, 1, 1)
+    new["to_conv7.conv7.weight"] = decimate(fc7_w, [4, 4, None, None])    # 1024 x 1024 x 1 x 1
+    new["to_conv7.conv7.bias"] = decimate(vgg["classifier.3.bias"], [4])
+    return new
+
+
+class ResNet34Base(nn.Module):
+    """ResNet-34 base in the MLPerf SSD style: conv1 .. conv4_x (layer3) with layer3's stride
+    set to 1, so its output is 38x38 (256 channels), then one extra block down to 19x19."""
+
+    def __init__(self, pretrained=False):
+        super().__init__()
+        weights = None
+        if pretrained:
+            weights = torchvision.models.ResNet34_Weights.IMAGENET1K_V1
+        try:
+            resnet = torchvision.models.resnet34(weights=weights)
+        except Exception as e:
+            raise RuntimeError(
+                f"Could not load ImageNet ResNet-34 weights ({type(e).__name__}: {e}). Connect "
+                "to the internet once (torchvision caches them) or use --no-pretrained.") from e
+        resnet.layer3[0].conv1.stride = (1, 1)
+        resnet.layer3[0].downsample[0].stride = (1, 1)
+        self.to_conv4 = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool,
+                                      resnet.layer1, resnet.layer2, resnet.layer3)
+        self.to_19 = nn.Sequential(
+            nn.Conv2d(256, 256, 1), nn.ReLU(inplace=True),
+            nn.Conv2d(256, 512, 3, stride=2, padding=1), nn.ReLU(inplace=True))
+        self.out_channels = (256, 512)
+        for m in self.to_19.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        f38 = self.to_conv4(x)                 # N x 256 x 38 x 38
+        return f38, self.to_19(f38)            # and N x 512 x 19 x 19
+
+
+# ----------------------------------------------------------------------------------------
+# Auxiliary and prediction convolutions
+# ----------------------------------------------------------------------------------------
+
+class AuxiliaryConvolutions(nn.Module):
+    """conv8_1 .. conv11_2: a 1x1 then a 3x3 per stage, giving 10x10, 5x5, 3x3, 1x1 maps."""
+
+    def __init__(self, in_channels, width=1.0):
+        super().__init__()
+        # (name, mid channels, out channels, stride, padding) of each stage's 3x3 conv
+        stages = [("8", 256, 512, 2, 1), ("9", 128, 256, 2, 1),
+                  ("10", 128, 256, 1, 0), ("11", 128, 256, 1, 0)]
+        layers, c = OrderedDict(), in_channels
+        self.out_channels = []
+        for name, mid, out, stride, pad in stages:
+            mid, out = scaled(mid, width), scaled(out, width)
+            layers[f"conv{name}_1"] = nn.Conv2d(c, mid, 1)
+            layers[f"conv{name}_2"] = nn.Conv2d(mid, out, 3, stride=stride, padding=pad)
+            self.out_channels.append(out)
+            c = out
+        self.convs = nn.ModuleDict(layers)
+        init_xavier(self)
+
+    def forward(self, conv7):
+        features, x = [], conv7
+        for name, conv in self.convs.items():
+            x = F.relu(conv(x))
+            if name.endswith("_2"):
+                features.append(x)
+        return features       # conv8_2 (10x10), conv9_2 (5x5), conv10_2 (3x3), conv11_2 (1x1)
+
+
+def init_xavier(module):
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def flatten_predictions(x, per_box):
+    """N x (B * per_box) x H x W head output -> N x (H * W * B) x per_box.
+
+    Location-major: the same order as `create_priors`.
+    """
+    n = x.size(0)
+    return x.permute(0, 2, 3, 1).reshape(n, -1, per_box)
+
+
+class PredictionConvolutions(nn.Module):
+    """A 3x3 convolution per map for the offsets (4 per prior) and one for the class scores."""
+
+    def __init__(self, in_channels, n_classes, feature_maps=FEATURE_MAPS):
+        super().__init__()
+        self.n_classes = n_classes
+        boxes = [n_boxes_per_location(ratios) for _, _, ratios in feature_maps]
+        self.loc = nn.ModuleList(nn.Conv2d(c, b * 4, 3, padding=1)
+                                 for c, b in zip(in_channels, boxes))
+        self.cl = nn.ModuleList(nn.Conv2d(c, b * n_classes, 3, padding=1)
+                                for c, b in zip(in_channels, boxes))
+        init_xavier(self)
+
+    def forward(self, features):
+        locs = [flatten_predictions(conv(f), 4) for conv, f in zip(self.loc, features)]
+        scores = [flatten_predictions(conv(f), self.n_classes) for conv, f in zip(self.cl, features)]
+        return torch.cat(locs, dim=1), torch.cat(scores, dim=1)
+
+
+# ----------------------------------------------------------------------------------------
+# SSD300
+# ----------------------------------------------------------------------------------------
+
+class SSD300(nn.Module):
+    """SSD300 with a VGG16 (the paper's) or ResNet-34 base.
+
+    n_classes counts the background as class 0. width scales every channel count of the
+    VGG16 network (1.0 is the paper's; the CPU presets use less). pretrained: False, True
+    (torchvision's ImageNet weights) or the path of a torchvision VGG16 state dict.
+    """
+
+    def __init__(self, n_classes, backbone="vgg16", pretrained=False, width=1.0):
+        super().__init__()
+        self.config = dict(n_classes=n_classes, backbone=backbone, width=width)
+        if backbone == "vgg16":
+            self.base = VGGBase(width)
+            if pretrained:
+                if width != 1.0:
+                    raise ValueError("pretrained VGG16 weights need width=1.0")
+                self.base.load_pretrained(pretrained)
+            # Only conv4_3 is rescaled: its features are larger than the deeper maps'.
+            self.l2_norm = L2Norm(self.base.out_channels[0])
+        elif backbone == "resnet34":
+            if width != 1.0:
+                raise ValueError("the ResNet-34 base has no width multiplier")
+            self.base = ResNet34Base(pretrained=bool(pretrained))
+            self.l2_norm = nn.Identity()
+        else:
+            raise ValueError(f"unknown backbone {backbone!r}: use 'vgg16' or 'resnet34'")
+        self.aux_convs = AuxiliaryConvolutions(self.base.out_channels[1], width)
+        self.pred_convs = PredictionConvolutions(
+            list(self.base.out_channels) + self.aux_convs.out_channels, n_classes)
+        self.register_buffer("priors_cxcy", create_priors(), persistent=False)
+
+    @property
+    def n_classes(self):
+        return self.config["n_classes"]
+
+    def forward(self, images):
+        """images: N x 3 x 300 x 300, normalised -> (N x 8732 x 4 offsets, N x 8732 x n_classes)."""
+        f38, f19 = self.base(images)
+        features = [self.l2_norm(f38), f19] + self.aux_convs(f19)
+        return self.pred_convs(features)
+
+    @torch.no_grad()
+    def detect_objects(self, pred_locs, pred_scores, min_score=0.01, max_overlap=0.45,
+                       top_k=200, per_class_top_k=400):
+        return detect_objects(pred_locs, pred_scores, self.priors_cxcy, min_score,
+                              max_overlap, top_k, per_class_top_k)
+
+
+# ----------------------------------------------------------------------------------------
+# Matching priors to objects, and the MultiBox loss
+# ----------------------------------------------------------------------------------------
+
+def concat_objects(boxes, labels, device):
+    """Per-image lists -> (T x 4 float boxes, T labels, T image index), all on `device`."""
+    counts = torch.tensor([len(b) for b in boxes], device=device)
+    image = torch.repeat_interleave(torch.arange(len(boxes), device=device), counts)
+    return (torch.cat(boxes).to(device=device, dtype=torch.float32),
+            torch.cat(labels).to(device=device, dtype=torch.long), image)
+
+
+def forced_matches(iou, image, n_images):
+    """Give every object a prior of its own: the greedy bipartite matching of Caffe's MultiBox.
+
+    Greedy: repeatedly match the highest-IoU (object, prior) pair among unmatched objects
+    and free priors of the same image. Common implementations instead let each object take
+    its single best prior, so when two objects share one, the last one silently loses its
+    guaranteed match. We compute the greedy matching in rounds: in each round every pair that
+    is the best of its row (the object's best free prior) and of its column (the prior's best
+    unmatched object) is matched at once. Such "locally dominant" pairs give exactly the
+    greedy matching (Preis, 1999); one round suffices unless objects compete for a prior.
+
+    iou: T x P (objects x priors), image: T image index of each object.
+    Returns the prior index of each object, T.
+    """
+    T, P = iou.shape
+    prior = torch.full((T,), -1, dtype=torch.long, device=iou.device)
+    taken = torch.zeros(n_images, P, dtype=torch.bool, device=iou.device)
+    while True:
+        open_ = (prior < 0).nonzero().squeeze(1)
+        if open_.numel() == 0:
+            return prior
+        img = image[open_]
+        cand = iou[open_].masked_fill(taken[img], -1.0)                # U x P
+        best_iou, best_prior = cand.max(dim=1)                         # U
+        # Best IoU of every (image, prior) column over the unmatched objects.
+        col_best = torch.full((n_images, P), -2.0, dtype=iou.dtype, device=iou.device)
+        col_best.scatter_reduce_(0, img[:, None].expand_as(cand), cand, "amax")
+        wins = best_iou >= col_best[img, best_prior]
+        # Exact ties between objects for one prior: the lowest object index wins.
+        key = img * P + best_prior
+        first = torch.full((n_images * P,), T, dtype=torch.long, device=iou.device)
+        first.scatter_reduce_(0, key[wins], open_[wins], "amin")
+        wins &= first[key] == open_
+        prior[open_[wins]] = best_prior[wins]
+        taken[img[wins], best_prior[wins]] = True
+
+
+def match_priors(boxes, labels, image, n_images, priors_cxcy, threshold=0.5):
+    """Assign an object (or the background) to every prior of every image in the batch.
+
+    Every prior takes its highest-IoU object of its image if that IoU >= threshold, else the
+    background; every object also claims a prior of its own (`forced_matches`), even below
+    the threshold.
+    boxes: T x 4 fractional corners of all images' objects, labels: T (1..C-1),
+    image: T index of each object's image.
+    Returns (matched N x P: index into `boxes` of each prior's object, meaningful where
+    positive; true_labels N x P: its class, 0 = background).
+    """
+    P, device = priors_cxcy.size(0), priors_cxcy.device
+    T = boxes.size(0)
+    if T == 0:
+        zeros = torch.zeros(n_images, P, dtype=torch.long, device=device)
+        return zeros, zeros.clone()
+    iou = box_iou(boxes, cxcy_to_xy(priors_cxcy))                     # T x P
+    # Best object of each (image, prior): max IoU over that image's objects, lowest index
+    # on ties.
+    index = image[:, None].expand(T, P)
+    best_iou = torch.full((n_images, P), -1.0, device=device)
+    best_iou.scatter_reduce_(0, index, iou, "amax")                   # N x P
+    obj_id = torch.arange(T, device=device)[:, None].expand(T, P)
+    candidates = torch.where(iou == best_iou[image], obj_id, T)        # T x P
+    matched = torch.full((n_images, P), T, dtype=torch.long, device=device)
+    matched.scatter_reduce_(0, index, candidates, "amin")
+    # Forced matches override, with an overlap above any threshold.
+    forced = forced_matches(iou, image, n_images)
+    matched[image, forced] = torch.arange(T, device=device)
+    best_iou[image, forced] = 2.0
+    matched = matched.clamp(max=T - 1)          # images without objects: any valid index
+    true_labels = torch.where(best_iou >= threshold, labels[matched], 0)
+    return matched, true_labels
+
+
+class MultiBoxLoss(nn.Module):
+    """The paper's loss: (L_conf + alpha * L_loc) / N over the whole batch, N = positive priors.
+
+    L_loc: L1 (the released code's choice, the default) or smooth L1 (the paper's text) over
+    the positives' encoded offsets. L_conf: cross-entropy over all positives plus, per image,
+    the hardest negatives (highest background loss), at most neg_pos_ratio per positive.
+    With no positive at all both terms are 0 (never NaN).
+    """
+
+    def __init__(self, priors_cxcy, threshold=0.5, neg_pos_ratio=3, alpha=1.0, loc_loss="l1"):
+        super().__init__()
+        if loc_loss not in ("l1", "smooth_l1"):
+            raise ValueError(f"loc_loss must be 'l1' or 'smooth_l1', not {loc_loss!r}")
+        self.register_buffer("priors_cxcy", priors_cxcy, persistent=False)
+        self.threshold = threshold
+        self.neg_pos_ratio = neg_pos_ratio
+        self.alpha = alpha
+        self.loc_loss = loc_loss
+
+    def forward(self, pred_locs, pred_scores, boxes, labels):
+        """pred_locs N x P x 4, pred_scores N x P x C; boxes (fractional corners) and labels
+        are lists of per-image tensors.
+
+        Returns (loss, loc_loss, conf_loss), each a 0-dim tensor (loss = conf + alpha * loc).
+        """
+        device = self.priors_cxcy.device
+        all_boxes, all_labels, image = concat_objects(boxes, labels, device)
+        matched, true_labels = match_priors(all_boxes, all_labels, image, len(boxes),
+                                            self.priors_cxcy, self.threshold)
+        positive = true_labels > 0                                      # N x P
+        n_positives = positive.sum(dim=1)                               # N
+        n_total = n_positives.sum().clamp(min=1).float()
+
+        # Localisation: only positives; the matched box is encoded against its prior.
+        priors = self.priors_cxcy.expand(len(boxes), -1, -1)[positive]  # n_pos x 4
+        true_locs = encode(xy_to_cxcy(all_boxes[matched[positive]]), priors)
+        loss_fn = F.l1_loss if self.loc_loss == "l1" else F.smooth_l1_loss
+        loc_loss = loss_fn(pred_locs[positive].float(), true_locs, reduction="sum") / n_total
+
+        # Hard negative mining: rank negatives by their background cross-entropy
+        # (logsumexp - background logit); no gradient needed for the ranking.
+        with torch.no_grad():
+            scores32 = pred_scores.detach().float()
+            background_loss = torch.logsumexp(scores32, dim=2) - scores32[..., 0]   # N x P
+            n_hard = torch.minimum(self.neg_pos_ratio * n_positives, (~positive).sum(dim=1))
+            k = int(n_hard.max())            # one sync: the largest per-image quota
+            hardest = background_loss.masked_fill(positive, -1.0).topk(k, dim=1).indices
+            take = torch.arange(k, device=device) < n_hard[:, None]                 # N x k
+            selected = positive.scatter(1, hardest, take)      # positives + hard negatives
+        # Confidence: cross-entropy (float32) over the selected priors only.
+        conf_loss = F.cross_entropy(pred_scores[selected].float(), true_labels[selected],
+                                    reduction="sum") / n_total
+        return conf_loss + self.alpha * loc_loss, loc_loss, conf_loss
+
+
+# ----------------------------------------------------------------------------------------
+# Detection
+# ----------------------------------------------------------------------------------------
+
+def detect_objects(pred_locs, pred_scores, priors_cxcy, min_score=0.01, max_overlap=0.45,
+                   top_k=200, per_class_top_k=400):
+    """Decode predictions into detections, as the original evaluation does.
+
+    Per image and class: scores above min_score, at most per_class_top_k of them (Caffe's
+    and torchvision's pre-NMS cap; None for no cap), NMS at IoU max_overlap; then the top_k
+    highest-scoring detections of the image over all classes.
+    Returns three lists over images: boxes (k x 4 fractional corners clamped to [0, 1]),
+    labels (k, 1..C-1) and scores (k).
+    """
+    N, P, C = pred_scores.shape
+    boxes = cxcy_to_xy(decode(pred_locs.float(), priors_cxcy)).clamp(0, 1)    # N x P x 4
+    probs = F.softmax(pred_scores.float(), dim=2)[:, :, 1:].transpose(1, 2)  # N x (C-1) x P
+    k = P if per_class_top_k is None else min(per_class_top_k, P)
+    cand_scores, cand_priors = probs.topk(k, dim=2)                          # N x (C-1) x k
+    keep = cand_scores > min_score
+    image, cls, _ = keep.nonzero(as_tuple=True)
+    scores = cand_scores[keep]
+    prior = cand_priors[keep]
+    cand_boxes = boxes[image, prior]
+    # One NMS over all candidates: batched_nms keeps (image, class) groups apart.
+    kept = batched_nms(cand_boxes, scores, image * C + cls, max_overlap)    # by score, desc
+    # top_k per image: stable sort of the kept (already score-ordered) by image.
+    kept = kept[torch.sort(image[kept], stable=True).indices]
+    kept_image = image[kept]
+    counts = torch.bincount(kept_image, minlength=N)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(len(kept), device=kept.device) - starts[kept_image]
+    kept = kept[rank < top_k]
+    sizes = torch.bincount(image[kept], minlength=N).tolist()
+    return (list(cand_boxes[kept].split(sizes)), list((cls[kept] + 1).split(sizes)),
+            list(scores[kept].split(sizes)))

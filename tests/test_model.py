@@ -1,0 +1,377 @@
+"""SSD300 network, priors, MultiBox loss and detection decoding, against slow references."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torchvision.ops import box_iou
+
+import model
+from model import MultiBoxLoss, SSD300, create_priors
+from utils import cxcy_to_xy, decode, encode, xy_to_cxcy
+
+
+def random_boxes(n, generator, min_size=0.02, max_size=0.6):
+    """n random fractional corner boxes inside the unit square."""
+    wh = min_size + (max_size - min_size) * torch.rand(n, 2, generator=generator)
+    x1y1 = torch.rand(n, 2, generator=generator) * (1 - wh)
+    return torch.cat([x1y1, x1y1 + wh], dim=1)
+
+
+def random_targets(n_images, n_classes, generator, max_objects=6, empty_every=3):
+    boxes, labels = [], []
+    for i in range(n_images):
+        n = 0 if i % empty_every == 1 else int(torch.randint(1, max_objects + 1, (), generator=generator))
+        boxes.append(random_boxes(n, generator))
+        labels.append(torch.randint(1, n_classes, (n,), generator=generator))
+    return boxes, labels
+
+
+# ---------------------------------------------------------------------------- network
+
+def test_full_model_shapes_and_size():
+    net = SSD300(n_classes=21).eval()
+    with torch.no_grad():
+        locs, scores = net(torch.randn(2, 3, 300, 300))
+    assert locs.shape == (2, 8732, 4)
+    assert scores.shape == (2, 8732, 21)
+    assert net.priors_cxcy.shape == (8732, 4)
+    assert sum(p.numel() for p in net.parameters()) == 26_285_486
+
+
+def test_vgg_base_feature_map_sizes():
+    base = model.VGGBase(width=0.125)
+    conv4_3, conv7 = base(torch.randn(1, 3, 300, 300))
+    assert conv4_3.shape[-2:] == (38, 38) and conv7.shape[-2:] == (19, 19)
+    assert base.to_conv7.conv6.dilation == (6, 6)
+    assert base.to_conv4_3.pool3.ceil_mode and not base.to_conv4_3.pool2.ceil_mode
+    aux = model.AuxiliaryConvolutions(conv7.size(1), width=0.125)
+    assert [f.shape[-1] for f in aux(conv7)] == [10, 5, 3, 1]
+
+
+def test_resnet34_base_shapes():
+    net = SSD300(n_classes=4, backbone="resnet34").eval()
+    with torch.no_grad():
+        locs, scores = net(torch.randn(1, 3, 300, 300))
+    assert locs.shape == (1, 8732, 4) and scores.shape == (1, 8732, 4)
+
+
+def test_l2norm_is_float32_under_autocast():
+    norm = model.L2Norm(8)
+    x = torch.randn(2, 8, 5, 5) * 300          # squares overflow float16 (max 65504)
+    expected = (x.double() / x.double().norm(dim=1, keepdim=True) * 20).float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = norm(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    assert torch.allclose(y.float(), expected, rtol=1e-2)
+    assert torch.allclose(norm(x), expected, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------- priors
+
+def test_priors_count_per_map():
+    priors = create_priors()
+    counts = [f * f * model.n_boxes_per_location(r) for _, f, r in model.FEATURE_MAPS]
+    assert counts == [5776, 2166, 600, 150, 36, 4]
+    assert priors.shape == (8732, 4)
+
+
+def test_prior_values_follow_the_original_sizes():
+    priors = create_priors()
+    # First location of conv4_3: min square 30 px, sqrt(30*60) square, ratios 2 and 1/2.
+    c = 0.5 / 38
+    s, s2 = 30 / 300, math.sqrt(30 * 60) / 300
+    expected = torch.tensor([[c, c, s, s], [c, c, s2, s2],
+                             [c, c, s * math.sqrt(2), s / math.sqrt(2)],
+                             [c, c, s / math.sqrt(2), s * math.sqrt(2)]])
+    assert torch.allclose(priors[:4], expected)
+    # conv7's first location has 6 priors, the last two with ratio 3 and 1/3.
+    s = 60 / 300
+    assert torch.allclose(priors[5776 + 4], torch.tensor([0.5 / 19, 0.5 / 19, s * math.sqrt(3), s / math.sqrt(3)]))
+    # conv11_2: one location at the centre, min 264, max 315; not clipped to the image.
+    assert torch.allclose(priors[-4:, :2], torch.full((4, 2), 0.5))
+    assert torch.allclose(priors[-3, 2:], torch.full((2,), math.sqrt(264 * 315) / 300))
+    assert priors[-2, 2] > 1.0
+
+
+def test_prior_order_matches_head_flatten_order():
+    """Each flattened prediction must sit at the index of the prior of its cell and box."""
+    priors = create_priors()
+    offset = 0
+    for _, f, ratios in model.FEATURE_MAPS:
+        b = model.n_boxes_per_location(ratios)
+        # Channel (box k, coordinate c) at cell (i, j) holds a code of (i, j, k).
+        i = torch.arange(f).view(1, 1, f, 1).expand(b, 4, f, f)
+        j = torch.arange(f).view(1, 1, 1, f).expand(b, 4, f, f)
+        k = torch.arange(b).view(b, 1, 1, 1).expand(b, 4, f, f)
+        head = (i * 10_000 + j * 100 + k).reshape(1, b * 4, f, f).float()
+        flat = model.flatten_predictions(head, 4)[0, :, 0]                # f*f*b codes
+        ci, cj, ck = flat // 10_000, flat % 10_000 // 100, flat % 100
+        mine = priors[offset:offset + f * f * b]
+        assert torch.allclose(mine[:, 0], (cj + 0.5) / f)
+        assert torch.allclose(mine[:, 1], (ci + 0.5) / f)
+        # The box index k picks the same shape at every location.
+        shapes = mine[:b, 2:]
+        assert torch.allclose(mine[:, 2:], shapes[ck.long()])
+        offset += f * f * b
+    assert offset == 8732
+
+
+# ---------------------------------------------------------------------------- pretrained
+
+def random_vgg16_state_dict():
+    torch.manual_seed(0)
+    return {k: torch.randn_like(v) for k, v in torchvision.models.vgg16().state_dict().items()}
+
+
+def test_fc6_fc7_decimation():
+    vgg = random_vgg16_state_dict()
+    base = model.VGGBase()
+    new = model.vgg16_to_ssd_base(vgg, base.state_dict())
+    fc6, fc7 = vgg["classifier.0.weight"], vgg["classifier.3.weight"]
+    conv6, conv7 = new["to_conv7.conv6.weight"], new["to_conv7.conv7.weight"]
+    assert conv6.shape == (1024, 512, 3, 3) and conv7.shape == (1024, 1024, 1, 1)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(200):
+        o, c, a, b = (int(torch.randint(n, (), generator=g)) for n in (1024, 512, 3, 3))
+        # fc6's input is the flattened 512 x 7 x 7 pool5 map; keep every 3rd position.
+        assert conv6[o, c, a, b] == fc6[4 * o, c * 49 + (3 * a) * 7 + 3 * b]
+        i = int(torch.randint(1024, (), generator=g))
+        assert conv7[o, i, 0, 0] == fc7[4 * o, 4 * i]
+    assert torch.equal(new["to_conv7.conv6.bias"], vgg["classifier.0.bias"][::4])
+    assert torch.equal(new["to_conv7.conv7.bias"], vgg["classifier.3.bias"][::4])
+    # The 13 convolutions map in order.
+    assert torch.equal(new["to_conv4_3.conv1_1.weight"], vgg["features.0.weight"])
+    assert torch.equal(new["to_conv4_3.conv4_3.bias"], vgg["features.21.bias"])
+    assert torch.equal(new["to_conv7.conv5_3.weight"], vgg["features.28.weight"])
+    assert set(new) == set(base.state_dict())
+
+
+def test_pretrained_from_local_file(tmp_path):
+    vgg = random_vgg16_state_dict()
+    path = tmp_path / "vgg16.pth"
+    torch.save(vgg, path)
+    net = SSD300(n_classes=3, pretrained=str(path))
+    assert torch.equal(net.base.to_conv7.conv5_1.weight, vgg["features.24.weight"])
+
+
+def test_pretrained_failure_says_what_to_do(tmp_path):
+    with pytest.raises(RuntimeError, match="--no-pretrained"):
+        SSD300(n_classes=3, pretrained=str(tmp_path / "missing.pth"))
+
+
+# ---------------------------------------------------------------------------- box maths
+
+def test_encode_decode_round_trip():
+    g = torch.Generator().manual_seed(0)
+    boxes = xy_to_cxcy(random_boxes(500, g))
+    priors = create_priors()[torch.randint(8732, (500,), generator=g)]
+    assert torch.allclose(decode(encode(boxes, priors), priors), boxes, atol=1e-6)
+    assert torch.allclose(cxcy_to_xy(xy_to_cxcy(boxes)), boxes, atol=1e-6)
+    # The paper's encoding, written out for one box.
+    cx, cy, w, h = boxes[0].tolist()
+    pcx, pcy, pw, ph = priors[0].tolist()
+    expected = [(cx - pcx) / pw / 0.1, (cy - pcy) / ph / 0.1,
+                math.log(w / pw) / 0.2, math.log(h / ph) / 0.2]
+    assert torch.allclose(encode(boxes[:1], priors[:1])[0], torch.tensor(expected), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- matching / loss
+
+def iou_matrix(a, b):
+    """Plain IoU between corner boxes a (n x 4) and b (m x 4)."""
+    lt = torch.maximum(a[:, None, :2], b[None, :, :2])
+    rb = torch.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = (rb - lt).clamp(min=0).prod(dim=2)
+    area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])
+    return inter / (area(a)[:, None] + area(b)[None, :] - inter)
+
+
+def greedy_forced_matches(iou):
+    """Literal greedy bipartite matching: repeatedly the best (object, free prior) pair."""
+    iou = iou.clone()
+    prior_of = {}
+    for _ in range(iou.size(0)):
+        flat = int(iou.argmax())
+        obj, prior = divmod(flat, iou.size(1))
+        prior_of[obj] = prior
+        iou[obj, :] = -1
+        iou[:, prior] = -1
+    return prior_of
+
+
+def reference_loss(locs, scores, boxes, labels, priors, threshold=0.5, ratio=3, loc="l1"):
+    """One image at a time, written from the paper's description."""
+    loc_sum, conf_sum, n_pos_total = 0.0, 0.0, 0
+    for n in range(len(boxes)):
+        P = priors.size(0)
+        label_of = torch.zeros(P, dtype=torch.long)
+        box_of = torch.zeros(P, 4)
+        if len(boxes[n]):
+            # torchvision's IoU, as the model uses: exact geometric ties (a prior inside a box
+            # has IoU = its area / the box's at every such position) must break alike.
+            iou = box_iou(boxes[n], cxcy_to_xy(priors))                       # n_obj x P
+            best_iou, best_obj = iou.max(dim=0)
+            for obj, prior in greedy_forced_matches(iou).items():
+                best_obj[prior], best_iou[prior] = obj, 2.0
+            pos = best_iou >= threshold
+            label_of[pos] = labels[n][best_obj[pos]]
+            box_of = boxes[n][best_obj]
+        pos = label_of > 0
+        n_pos = int(pos.sum())
+        for p in pos.nonzero().flatten().tolist():
+            x1, y1, x2, y2 = box_of[p].double().tolist()
+            pcx, pcy, pw, ph = priors[p].double().tolist()
+            g = [((x1 + x2) / 2 - pcx) / (pw * 0.1), ((y1 + y2) / 2 - pcy) / (ph * 0.1),
+                 math.log((x2 - x1) / pw) / 0.2, math.log((y2 - y1) / ph) / 0.2]
+            for pred, target in zip(locs[n, p].double().tolist(), g):
+                d = abs(pred - target)
+                loc_sum += d if loc == "l1" else (0.5 * d * d if d < 1 else d - 0.5)
+        ce = -F.log_softmax(scores[n].double(), dim=1)[torch.arange(P), label_of]
+        neg_ce = sorted(ce[~pos].tolist(), reverse=True)
+        conf_sum += float(ce[pos].sum()) + sum(neg_ce[:min(ratio * n_pos, len(neg_ce))])
+        n_pos_total += n_pos
+    n = max(n_pos_total, 1)
+    return (conf_sum + loc_sum) / n, loc_sum / n, conf_sum / n
+
+
+@pytest.mark.parametrize("seed,loc", [(0, "l1"), (1, "smooth_l1"), (2, "l1"), (3, "l1")])
+def test_loss_matches_reference(seed, loc):
+    g = torch.Generator().manual_seed(seed)
+    priors = create_priors()
+    n_images, n_classes = 5, 6
+    boxes, labels = random_targets(n_images, n_classes, g)
+    if seed == 3:   # crowded images: many objects compete for priors
+        boxes = [random_boxes(25, g, 0.02, 0.2) for _ in range(2)]
+        labels = [torch.randint(1, n_classes, (25,), generator=g) for _ in range(2)]
+        n_images = 2
+    locs = torch.randn(n_images, 8732, 4, generator=g)
+    scores = torch.randn(n_images, 8732, n_classes, generator=g) * 3
+    got = MultiBoxLoss(priors, loc_loss=loc)(locs, scores, boxes, labels)
+    want = reference_loss(locs, scores, boxes, labels, priors, loc=loc)
+    for a, b in zip(got, want):
+        assert abs(float(a) - b) <= 1e-5 * max(1.0, abs(b)), (got, want)
+
+
+def test_loss_without_any_object_is_finite_zero():
+    priors = create_priors()
+    locs = torch.randn(2, 8732, 4, requires_grad=True)
+    scores = torch.randn(2, 8732, 3, requires_grad=True)
+    empty = [torch.zeros(0, 4), torch.zeros(0, 4)]
+    no_labels = [torch.zeros(0, dtype=torch.long)] * 2
+    loss, loc, conf = MultiBoxLoss(priors)(locs, scores, empty, no_labels)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.isfinite(locs.grad).all() and torch.isfinite(scores.grad).all()
+
+
+def test_forced_match_gives_each_of_two_near_identical_boxes_its_own_prior():
+    priors = create_priors()
+    a = torch.tensor([[0.400, 0.400, 0.450, 0.450]])
+    b = torch.tensor([[0.401, 0.400, 0.451, 0.450]])
+    pxy = cxcy_to_xy(priors)
+    # Both objects have the same single best prior: the naive forced match loses one.
+    assert int(iou_matrix(a, pxy).argmax()) == int(iou_matrix(b, pxy).argmax())
+    boxes = torch.cat([a, b])
+    matched, true_labels = model.match_priors(boxes, torch.tensor([1, 2]), torch.tensor([0, 0]),
+                                              1, priors, threshold=0.5)
+    # With the 0.5 threshold neither box has any prior on its own merit (IoU < 0.5)...
+    assert iou_matrix(boxes, pxy).max() < 0.5
+    # ...so each label appears exactly once, on distinct priors, through the forced match.
+    assert int((true_labels == 1).sum()) == 1 and int((true_labels == 2).sum()) == 1
+    assert matched[true_labels == 1].item() == 0 and matched[true_labels == 2].item() == 1
+
+
+def test_forced_matches_equal_sequential_greedy():
+    g = torch.Generator().manual_seed(5)
+    priors_xy = cxcy_to_xy(create_priors())
+    for _ in range(20):
+        boxes = random_boxes(30, g, 0.01, 0.15)            # many collisions
+        iou = iou_matrix(boxes, priors_xy)
+        got = model.forced_matches(iou, torch.zeros(30, dtype=torch.long), 1)
+        want = greedy_forced_matches(iou.double())
+        assert got.tolist() == [want[i] for i in range(30)]
+
+
+# ---------------------------------------------------------------------------- detection
+
+def naive_nms(boxes, scores, threshold):
+    iou = iou_matrix(boxes, boxes).tolist()
+    order = sorted(range(len(scores)), key=lambda i: -float(scores[i]))
+    keep = []
+    for i in order:
+        if all(iou[i][j] <= threshold for j in keep):
+            keep.append(i)
+    return keep
+
+
+def reference_detect(locs, scores, priors, min_score, max_overlap, top_k, per_class_top_k):
+    out = []
+    for n in range(locs.size(0)):
+        boxes = cxcy_to_xy(decode(locs[n], priors)).clamp(0, 1)
+        probs = F.softmax(scores[n], dim=1)
+        dets = []
+        for c in range(1, scores.size(2)):
+            idx = [p for p in range(priors.size(0)) if probs[p, c] > min_score]
+            idx = sorted(idx, key=lambda p: -float(probs[p, c]))[:per_class_top_k]
+            keep = naive_nms(boxes[idx], probs[idx, c], max_overlap)
+            dets += [(float(probs[idx[i], c]), c, boxes[idx[i]]) for i in keep]
+        dets = sorted(dets, key=lambda d: -d[0])[:top_k]
+        out.append(dets)
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_detect_objects_matches_naive_reference(seed):
+    g = torch.Generator().manual_seed(seed)
+    priors = create_priors()
+    n_images, n_classes = 3, 4
+    locs = torch.randn(n_images, 8732, 4, generator=g) * 0.5
+    # Mostly confident background, a few priors per class clearly positive.
+    scores = torch.randn(n_images, 8732, n_classes, generator=g)
+    scores[..., 0] += 6
+    hot = torch.rand(n_images, 8732, generator=g) < 0.015
+    scores[..., 1:][hot] += 8 * torch.rand(int(hot.sum()), n_classes - 1, generator=g)
+    top_k, per_class = (20, 50) if seed == 2 else (200, 400)
+    boxes, labels, sc = model.detect_objects(locs, scores, priors, 0.05, 0.45, top_k, per_class)
+    want = reference_detect(locs, scores, priors, 0.05, 0.45, top_k, per_class)
+    for n in range(n_images):
+        assert len(boxes[n]) == len(want[n]) > 0
+        assert sc[n].tolist() == sorted(sc[n].tolist(), reverse=True)
+        for b, l, s, (ws, wl, wb) in zip(boxes[n], labels[n], sc[n], want[n]):
+            assert abs(float(s) - ws) < 1e-6 and int(l) == wl
+            assert torch.allclose(b, wb, atol=1e-6)
+
+
+def test_detect_objects_with_nothing_above_threshold():
+    priors = create_priors()
+    scores = torch.zeros(2, 8732, 3)
+    scores[..., 0] = 20
+    boxes, labels, sc = model.detect_objects(torch.zeros(2, 8732, 4), scores, priors, 0.01)
+    assert [len(b) for b in boxes] == [0, 0] and [len(s) for s in sc] == [0, 0]
+
+
+# ---------------------------------------------------------------------------- learning
+
+def test_loss_falls_when_overfitting_two_images():
+    torch.manual_seed(0)
+    net = SSD300(n_classes=3, width=0.0625)
+    criterion = MultiBoxLoss(net.priors_cxcy)
+    images = torch.randn(2, 3, 300, 300)
+    images[0, :, 60:200, 90:240] += 2.0             # two bright "objects"
+    images[1, :, 150:290, 20:120] -= 2.0
+    boxes = [torch.tensor([[90 / 300, 60 / 300, 240 / 300, 200 / 300]]),
+             torch.tensor([[20 / 300, 150 / 300, 120 / 300, 290 / 300]])]
+    labels = [torch.tensor([1]), torch.tensor([2])]
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(30):
+        loss = criterion(*net(images), boxes, labels)[0]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(x) for x in losses)
+    window = [sum(losses[i:i + 6]) / 6 for i in range(0, 30, 6)]
+    assert all(b < a for a, b in zip(window, window[1:])), losses   # falls steadily
+    assert losses[-1] < 0.3 * losses[0], losses
