@@ -13,9 +13,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from torchvision.ops import batched_nms, box_iou
+from torchvision.ops import box_iou
 
-from utils import cxcy_to_xy, decode, encode, xy_to_cxcy
+from utils import cxcy_to_xy, decode, encode, greedy_nms, xy_to_cxcy
 
 # The six prediction maps: (name, side of the square feature map, extra aspect ratios).
 # Each location has a square prior of the map's min size, a square of sqrt(min * max),
@@ -501,21 +501,53 @@ def detect_objects(pred_locs, pred_scores, priors_cxcy, min_score=0.01, max_over
     boxes = cxcy_to_xy(decode(pred_locs.float(), priors_cxcy)).clamp(0, 1)    # N x P x 4
     probs = F.softmax(pred_scores.float(), dim=2)[:, :, 1:].transpose(1, 2)  # N x (C-1) x P
     k = P if per_class_top_k is None else min(per_class_top_k, P)
-    cand_scores, cand_priors = probs.topk(k, dim=2)                          # N x (C-1) x k
-    keep = cand_scores > min_score
+    scores, prior = probs.topk(k, dim=2)                                     # N x (C-1) x k
+    # Only as many candidates per (image, class) as the fullest one has above min_score.
+    k = int((scores > min_score).sum(dim=2).max())
+    scores, prior = scores[..., :k], prior[..., :k]
+    cand_boxes = boxes[torch.arange(N, device=boxes.device)[:, None, None], prior]  # N x (C-1) x k x 4
+    keep = greedy_nms(cand_boxes.flatten(0, 1), (scores > min_score).flatten(0, 1),
+                      max_overlap).view(N, C - 1, k)
     image, cls, _ = keep.nonzero(as_tuple=True)
-    scores = cand_scores[keep]
-    prior = cand_priors[keep]
-    cand_boxes = boxes[image, prior]
-    # One NMS over all candidates: batched_nms keeps (image, class) groups apart.
-    kept = batched_nms(cand_boxes, scores, image * C + cls, max_overlap)    # by score, desc
-    # top_k per image: stable sort of the kept (already score-ordered) by image.
-    kept = kept[torch.sort(image[kept], stable=True).indices]
-    kept_image = image[kept]
-    counts = torch.bincount(kept_image, minlength=N)
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(len(kept), device=kept.device) - starts[kept_image]
-    kept = kept[rank < top_k]
-    sizes = torch.bincount(image[kept], minlength=N).tolist()
-    return (list(cand_boxes[kept].split(sizes)), list((cls[kept] + 1).split(sizes)),
-            list(scores[kept].split(sizes)))
+    scores, cand_boxes = scores[keep], cand_boxes[keep]
+    # top_k per image: order by score, then (stably) by image; keep each image's first top_k.
+    order = torch.sort(scores, descending=True, stable=True).indices
+    order = order[torch.sort(image[order], stable=True).indices]
+    image, cls, scores, cand_boxes = image[order], cls[order], scores[order], cand_boxes[order]
+    counts = torch.bincount(image, minlength=N)
+    rank = torch.arange(len(image), device=image.device) - (torch.cumsum(counts, 0) - counts)[image]
+    top = rank < top_k
+    sizes = torch.bincount(image[top], minlength=N).tolist()
+    return (list(cand_boxes[top].split(sizes)), list((cls[top] + 1).split(sizes)),
+            list(scores[top].split(sizes)))
+
+
+# ----------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------
+
+def load_checkpoint(path, device="cpu"):
+    """Rebuild the trained SSD300 from a checkpoint written by train.py.
+
+    Returns (model in eval mode on `device`, the checkpoint dict). The checkpoint holds only
+    tensors and plain Python values, so it loads with weights_only=True.
+    """
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint {path} does not exist") from None
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint "
+                         f"({type(e).__name__}: {e})") from e
+    if not isinstance(checkpoint, dict) or not {"model", "config"} <= set(checkpoint):
+        raise ValueError(f"{path} is not an SSD300 checkpoint written by train.py "
+                         "(it has no 'model' and 'config' entries)")
+    config = checkpoint["config"]
+    try:
+        net = SSD300(config["n_classes"], config["backbone"], width=config["width"])
+        net.load_state_dict(checkpoint["model"])
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise ValueError(f"{path} does not match the SSD300 it describes "
+                         f"(config {dict((k, config.get(k)) for k in ('n_classes', 'backbone', 'width'))}): "
+                         f"{e}") from e
+    return net.to(device).eval(), checkpoint

@@ -47,6 +47,56 @@ def decode(g_cxcy, priors_cxcy):
     return torch.cat([cxcy, wh], dim=-1)
 
 
+def pairwise_iou(a, b):
+    """IoU of every box in a (..., n, 4) with every box in b (..., m, 4), corners: (..., n, m).
+
+    torchvision's box_iou does one pair of sets; this broadcasts over leading dimensions.
+    """
+    lt = torch.maximum(a[..., :, None, :2], b[..., None, :, :2])
+    rb = torch.minimum(a[..., :, None, 2:], b[..., None, :, 2:])
+    inter = (rb - lt).clamp(min=0).prod(dim=-1)
+    area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
+    area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+    return inter / (area_a[..., :, None] + area_b[..., None, :] - inter)
+
+
+def greedy_nms(boxes, valid, threshold):
+    """Greedy non-maximum suppression in many independent groups at once.
+
+    boxes: G x k x 4 corners, each group sorted by descending score; valid: G x k (padding and
+    boxes under the score threshold are False). A box is kept unless a kept, higher-scoring box
+    of its group overlaps it with IoU > threshold: the rule of torchvision.ops.nms.
+    Returns keep: G x k bool.
+
+    torchvision's batched_nms loops over the groups in Python on the CPU once there are more
+    than a thousand boxes, and scans every box for each group. Here the greedy rule is solved
+    for many groups together as a fixed point, keep_i = valid_i & ~any_{j<i}(keep_j & overlap_ji),
+    iterated from keep = valid: box i is final once every box that can suppress it is, so this
+    ends after as many rounds as the longest chain of suppressions (a handful), with exactly
+    the greedy result. Groups go through in chunks of about a million box pairs on the CPU
+    (the k x k overlap matrices then stay in cache), in far larger ones on a GPU.
+    """
+    G, k = valid.shape
+    if G == 0 or k == 0:
+        return valid.clone()
+    earlier = torch.ones(k, k, dtype=torch.bool, device=boxes.device).triu(diagonal=1)  # j < i
+    pairs = 2 ** 26 if boxes.is_cuda else 2 ** 20
+    step = max(1, pairs // (k * k))
+    return torch.cat([_greedy_nms_fixed_point(boxes[i:i + step], valid[i:i + step], threshold, earlier)
+                      for i in range(0, G, step)])
+
+
+def _greedy_nms_fixed_point(boxes, valid, threshold, earlier):
+    suppresses = ((pairwise_iou(boxes, boxes) > threshold) & earlier).to(boxes.dtype)  # g x k x k
+    keep = valid
+    while True:
+        suppressed = torch.bmm(keep.to(boxes.dtype).unsqueeze(1), suppresses).squeeze(1) > 0
+        new_keep = valid & ~suppressed
+        if torch.equal(new_keep, keep):
+            return keep
+        keep = new_keep
+
+
 def pick_device(name="auto"):
     """'auto' -> cuda, then mps, then cpu; anything else is passed to torch.device."""
     if name != "auto":

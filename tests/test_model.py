@@ -8,6 +8,7 @@ import torchvision
 from torchvision.ops import box_iou
 
 import model
+import utils
 from model import MultiBoxLoss, SSD300, create_priors
 from utils import cxcy_to_xy, decode, encode, xy_to_cxcy
 
@@ -341,6 +342,23 @@ def test_detect_objects_matches_naive_reference(seed):
         for b, l, s, (ws, wl, wb) in zip(boxes[n], labels[n], sc[n], want[n]):
             assert abs(float(s) - ws) < 1e-6 and int(l) == wl
             assert torch.allclose(b, wb, atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_greedy_nms_equals_torchvision_nms(seed):
+    g = torch.Generator().manual_seed(seed)
+    groups, k = 30, 120
+    centres = torch.rand(groups, 1, 2, generator=g) * 0.6 + 0.2       # crowded: long chains
+    wh = 0.05 + 0.3 * torch.rand(groups, k, 2, generator=g)
+    xy = centres + 0.1 * torch.randn(groups, k, 2, generator=g)
+    boxes = torch.cat([xy - wh / 2, xy + wh / 2], dim=2)
+    scores = torch.rand(groups, k, generator=g).sort(dim=1, descending=True).values
+    valid = scores > 0.2
+    keep = utils.greedy_nms(boxes, valid, 0.45)
+    for i in range(groups):
+        idx = valid[i].nonzero().flatten()
+        want = torchvision.ops.nms(boxes[i, idx], scores[i, idx], 0.45)
+        assert keep[i].nonzero().flatten().tolist() == sorted(idx[want].tolist())
 
 
 def test_detect_objects_with_nothing_above_threshold():
