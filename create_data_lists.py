@@ -1,6 +1,7 @@
-"""Create the JSON lists that datasets.PascalVOCDataset reads, from folders in Pascal VOC layout.
+r"""Create the JSON lists that datasets.PascalVOCDataset reads, from folders in Pascal VOC layout.
 
 Pascal VOC (train: VOC2007 trainval + VOC2012 trainval, 16551 images; test: VOC2007 test, 4952 images):
+    python create_data_lists.py --download          # fetch VOC into data/VOCdevkit first (~3.6 GB)
     python create_data_lists.py --voc07 data/VOCdevkit/VOC2007 --voc12 data/VOCdevkit/VOC2012 \
         --output data/voc_lists
 Any dataset in VOC layout (Annotations/, JPEGImages/, ImageSets/Main/<split>.txt):
@@ -280,6 +281,27 @@ def voc_sources(voc07, voc12):
     return train, test
 
 
+VOC_ARCHIVES = (("2007", "trainval"), ("2007", "test"), ("2012", "trainval"))
+
+
+def download_voc(root):
+    """Fetch and extract VOC2007 trainval and test and VOC2012 trainval into root/VOCdevkit,
+    with torchvision's downloader (checksums included); splits already there are skipped."""
+    from torchvision.datasets import VOCDetection
+    for year, image_set in VOC_ARCHIVES:
+        if (Path(root) / "VOCdevkit" / f"VOC{year}" / "ImageSets" / "Main" / f"{image_set}.txt").is_file():
+            continue
+        try:
+            VOCDetection(str(root), year=year, image_set=image_set, download=True)
+        except Exception as error:
+            raise DataError(
+                f"could not download VOC{year} {image_set} into {root} ({type(error).__name__}: "
+                f"{error}). The official server (host.robots.ox.ac.uk) is often slow or down: fetch "
+                "VOCtrainval_06-Nov-2007.tar, VOCtest_06-Nov-2007.tar and VOCtrainval_11-May-2012.tar "
+                f"from a mirror and extract them in {root}, which then holds VOCdevkit/VOC2007 and "
+                "VOCdevkit/VOC2012") from error
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -287,6 +309,9 @@ def parse_args(argv=None):
                         help="VOC2007 folder, trainval and test (default: %(default)s)")
     parser.add_argument("--voc12", default="data/VOCdevkit/VOC2012",
                         help="VOC2012 folder, trainval (default: %(default)s)")
+    parser.add_argument("--download", action="store_true",
+                        help="first download VOC2007 and VOC2012 (about 3.6 GB) into the folder "
+                             "above --voc07's VOCdevkit (default: data/)")
     parser.add_argument("--root", nargs="+", help="dataset folder(s) in VOC layout, instead of Pascal VOC")
     parser.add_argument("--train-splits", nargs="+", default=["trainval"],
                         help="training splits (ImageSets/Main/<split>.txt) of --root or --shapes "
@@ -324,6 +349,8 @@ def main(argv=None):
         test = [(root, split) for root in roots for split in args.test_splits]
         classes, output = (SHAPE_CLASSES, "data/shapes_lists") if args.shapes else (None, "data/lists")
     else:
+        if args.download:
+            download_voc(Path(args.voc07).parent.parent)
         train, test = voc_sources(args.voc07, args.voc12)
         classes, output = VOC_CLASSES, "data/voc_lists"
     output = args.output or output

@@ -201,6 +201,21 @@ def test_cli_errors_when_no_voc_folder_exists(tmp_path):
         main(["--voc07", str(tmp_path / "nope07"), "--voc12", str(tmp_path / "nope12")])
 
 
+def test_failed_voc_download_says_what_to_do(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    requested = []
+
+    def offline(root, year, image_set, download):
+        requested.append((year, image_set))
+        raise RuntimeError("network unreachable")
+
+    monkeypatch.setattr(torchvision.datasets, "VOCDetection", offline)
+    with pytest.raises(DataError, match=r"could not download VOC2007 trainval .*network unreachable.*mirror"):
+        main(["--download", "--voc07", str(tmp_path / "VOCdevkit" / "VOC2007")])
+    assert requested == [("2007", "trainval")]
+
+
 def test_cli_help_and_custom_root(awkward_voc, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
