@@ -6,6 +6,7 @@ Boxes come in two forms:
 Both are fractional (0..1 of the image side) inside the model. torchvision.ops already
 does IoU and the corner <-> centre conversion, so we call it rather than write it again.
 """
+import argparse
 import os
 import tempfile
 
@@ -95,6 +96,17 @@ def _greedy_nms_fixed_point(boxes, valid, threshold, earlier):
         if torch.equal(new_keep, keep):
             return keep
         keep = new_keep
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help shows the script's docstring as written, and each option's default if it has one."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.option_strings and action.default not in (None, argparse.SUPPRESS) \
+                and "(default" not in text:
+            text += " (default: %(default)s)"
+        return text
 
 
 def pick_device(name="auto"):

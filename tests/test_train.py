@@ -1,0 +1,195 @@
+"""train.py: learning, exact resume, torchrun, checkpoints, non-finite losses, bad data."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import eval as evaluation
+import model
+import train
+from datasets import PascalVOCDataset
+
+ROOT = Path(__file__).resolve().parents[1]
+# A tiny SSD300 (1/16 of the channels) and a short schedule: seconds per run on two cores.
+TINY = ["--preset", "toy", "--width", "0.0625", "--batch-size", "4", "--workers", "0",
+        "--warmup", "2", "--print-every", "2", "--lr", "0.001"]
+
+
+def run_args(shapes_lists, out, *extra):
+    return TINY + ["--data-folder", str(shapes_lists), "--out", str(out)] + list(extra)
+
+
+def weights(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def test_checkpoint_loads_weights_only_and_holds_everything(shapes_lists, tmp_path):
+    assert train.main(run_args(shapes_lists, tmp_path, "--iterations", "4")) == 0
+    state = torch.load(tmp_path / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert state["iteration"] == 4
+    assert {"model", "optimizer", "scaler", "rng_cpu", "history", "config"} <= set(state)
+    assert state["config"]["label_map"] == PascalVOCDataset(shapes_lists, "test").label_map
+    assert [row["iteration"] for row in state["history"]] == [2, 4]
+    net, _ = model.load_checkpoint(tmp_path / "checkpoint.pt")
+    assert net.n_classes == 4
+    assert (tmp_path / "loss_curve.png").stat().st_size > 0
+    rows = (tmp_path / "log.csv").read_text().splitlines()
+    assert rows[0].startswith("iteration,loss,loc_loss,conf_loss,lr,images_per_s,elapsed_s")
+    assert len(rows) == 3
+    # The biases learn at twice the rate, without weight decay (Caffe's recipe).
+    groups = state["optimizer"]["param_groups"]
+    assert [g["lr_mult"] for g in groups] == [1.0, 2.0] and groups[1]["weight_decay"] == 0.0
+
+
+def test_learning_rate_schedule():
+    config = dict(lr=1e-3, lr_gamma=0.1, lr_steps=[80_000, 100_000], warmup=0)
+    assert train.learning_rate(0, config) == 1e-3
+    assert train.learning_rate(79_999, config) == 1e-3
+    assert train.learning_rate(80_000, config) == pytest.approx(1e-4)
+    assert train.learning_rate(100_000, config) == pytest.approx(1e-5)
+    config["warmup"] = 100
+    assert train.learning_rate(0, config) == pytest.approx(1e-5)
+    assert train.learning_rate(99, config) == pytest.approx(1e-3)
+    scaled = dict(config, batch_size=64, iterations=120_000)
+    train.apply_linear_scaling(scaled)
+    assert scaled["lr"] == pytest.approx(2e-3) and scaled["iterations"] == 60_000
+    assert scaled["lr_steps"] == [40_000, 50_000] and scaled["warmup"] == 50
+
+
+def test_explicit_arguments_beat_the_preset():
+    config = train.parse_config(["--preset", "toy", "--lr", "0.5"])
+    assert config["lr"] == 0.5 and config["width"] == train.PRESETS["toy"]["width"]
+    assert train.parse_config([])["lr"] == 1e-3
+
+
+def test_training_lowers_loss_and_raises_map(shapes_lists, tmp_path):
+    torch.manual_seed(0)
+    test_set = PascalVOCDataset(shapes_lists, "test")
+    width = train.PRESETS["toy"]["width"]
+    untrained = model.SSD300(len(test_set.label_map), width=width)
+    before = evaluation.evaluate(untrained, test_set, torch.device("cpu"), workers=0, progress=False)
+    args = ["--preset", "toy", "--data-folder", str(shapes_lists), "--out", str(tmp_path),
+            "--iterations", "240", "--lr-steps", "200", "--warmup", "20", "--print-every", "20",
+            "--workers", "1", "--eval-every", "240"]
+    assert train.main(args) == 0
+    net, checkpoint = model.load_checkpoint(tmp_path / "checkpoint.pt")
+    after = evaluation.evaluate(net, test_set, torch.device("cpu"), workers=0, progress=False)
+    history = checkpoint["history"]
+    assert history[-1]["loss"] < 0.5 * history[0]["loss"], history
+    assert after["mAP_07"] > before["mAP_07"] + 0.15, (before["mAP_07"], after["mAP_07"])
+    # Logged during training (in the run's bf16 autocast), measured here in float32.
+    assert history[-1]["mAP"] == pytest.approx(after["mAP_07"], abs=0.03)
+
+
+def start(argv, **kwargs):
+    return subprocess.Popen([sys.executable] + argv, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def test_interrupt_and_resume_is_bit_identical(shapes_lists, tmp_path):
+    iterations = ["--iterations", "16", "--save-every", "1000"]
+    assert train.main(run_args(shapes_lists, tmp_path / "straight", *iterations)) == 0
+
+    out = tmp_path / "interrupted"
+    proc = start(["train.py"] + run_args(shapes_lists, out, *iterations, "--workers", "1"))
+    log = out / "log.csv"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)                     # after about 4 iterations
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, output
+    stopped_at = torch.load(out / "checkpoint.pt", weights_only=True)["iteration"]
+    assert 0 < stopped_at < 16, output
+
+    assert train.main(["--resume", "--out", str(out), "--workers", "2"]) == 0
+    resumed = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert resumed["iteration"] == 16
+    straight = weights(tmp_path / "straight" / "checkpoint.pt")
+    for key, value in straight.items():
+        assert torch.equal(value, resumed["model"][key]), key
+    # The log continues where the checkpoint stopped: no row is lost or repeated (the
+    # interruption adds a row for its partial interval).
+    logged = [r["iteration"] for r in resumed["history"]]
+    assert logged == sorted(set(range(2, 17, 2)) | {stopped_at})
+
+
+def test_resume_refuses_another_model_or_foreign_files(shapes_lists, tmp_path, capsys):
+    assert train.main(run_args(shapes_lists, tmp_path, "--iterations", "2")) == 0
+    assert train.main(["--resume", "--out", str(tmp_path), "--width", "0.125"]) == 2
+    assert "width=0.0625" in capsys.readouterr().err
+    # The same lists with another label map: the checkpoint's classes do not match.
+    other = tmp_path / "other_lists"
+    other.mkdir()
+    for f in shapes_lists.iterdir():
+        (other / f.name).write_bytes(f.read_bytes())
+    (other / "label_map.json").write_text(json.dumps({"background": 0, "a": 1, "b": 2, "c": 3}))
+    assert train.main(["--resume", "--out", str(tmp_path), "--data-folder", str(other)]) == 2
+    assert "trained on" in capsys.readouterr().err
+    not_a_checkpoint = tmp_path / "notes.pt"
+    not_a_checkpoint.write_text("hello")
+    assert train.main(["--resume", str(not_a_checkpoint), "--out", str(tmp_path)]) == 2
+    assert "notes.pt" in capsys.readouterr().err
+    # Starting again in a run folder that holds a checkpoint needs --overwrite.
+    assert train.main(run_args(shapes_lists, tmp_path, "--iterations", "2")) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_torchrun_two_processes_keep_identical_weights(shapes_lists, tmp_path):
+    out = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = start(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                  "train.py"] + run_args(shapes_lists, out, "--iterations", "4", "--device", "cpu"),
+                 env=env)
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, output
+    assert "weights identical on all 2 ranks" in output
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "log.csv", "loss_curve.png"]
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["iteration"] == 4
+
+
+def test_non_finite_losses_are_skipped_then_stop_the_run(shapes_lists, tmp_path, monkeypatch):
+    real = model.MultiBoxLoss.forward
+    calls = []
+
+    def sometimes_nan(self, *args):
+        calls.append(1)
+        loss, loc, conf = real(self, *args)
+        bad = len(calls) == 3 or len(calls) >= 6      # one stray NaN, then a run of them
+        return (loss * float("nan"), loc, conf) if bad else (loss, loc, conf)
+
+    monkeypatch.setattr(model.MultiBoxLoss, "forward", sometimes_nan)
+    with pytest.warns(UserWarning, match="non-finite loss"):
+        code = train.main(run_args(shapes_lists, tmp_path, "--iterations", "50", "--max-bad-steps", "3"))
+    assert code == 1
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["iteration"] == 8                     # batches drawn; 4 of them updated
+    assert [row["iteration"] for row in state["history"]] == [2, 4, 6]
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_missing_or_malformed_data_folder(tmp_path, capsys):
+    assert train.main(["--data-folder", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run")]) == 2
+    assert "nowhere" in capsys.readouterr().err
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "TRAIN_images.json").write_text("[not json")
+    (bad / "TRAIN_objects.json").write_text("[]")
+    (bad / "label_map.json").write_text(json.dumps({"background": 0, "cat": 1}))
+    assert train.main(["--data-folder", str(bad), "--out", str(tmp_path / "run")]) == 2
+    assert "TRAIN_images.json" in capsys.readouterr().err
+
+
+def test_plot_compares_runs(shapes_lists, tmp_path):
+    for name in ("a", "b"):
+        assert train.main(run_args(shapes_lists, tmp_path / name, "--iterations", "4")) == 0
+    png = tmp_path / "compare.png"
+    assert train.main(["--plot", str(tmp_path / "a"), str(tmp_path / "b" / "log.csv"),
+                       "--plot-out", str(png)]) == 0
+    assert png.read_bytes()[:4] == b"\x89PNG"
