@@ -1,0 +1,162 @@
+"""Evaluate a trained SSD300 on the test list: PASCAL VOC mAP, per class, as the devkit computes it.
+
+    python eval.py checkpoints/ssd300_voc/checkpoint.pt
+    python eval.py checkpoints/toy/checkpoint.pt --data-folder data/shapes_lists
+
+Decodes with the paper's evaluation settings (min score 0.01, NMS IoU 0.45, top 200 per image),
+reports VOC07 11-point mAP (the paper's metric for VOC2007 test) and VOC2010+ area mAP, and
+writes results.json and pr_curves.png next to the checkpoint.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from datasets import DataError, PascalVOCDataset, collate_fn
+from model import load_checkpoint
+from utils import HelpFormatter, calculate_mAP, pick_device, precision_recall_curves
+
+
+@torch.inference_mode()
+def predict(net, dataset, device, batch_size=32, workers=2, amp_dtype=None,
+            memory_format=torch.contiguous_format, min_score=0.01, max_overlap=0.45, top_k=200,
+            progress=True):
+    """Detections and ground truth of every test image, as per-image lists of CPU tensors.
+
+    Boxes stay fractional: IoU does not change when both axes are rescaled, so the VOC
+    matching is the same as in pixels.
+    """
+    net.eval()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn,
+                                         num_workers=workers, pin_memory=device.type == "cuda")
+    dets = {"boxes": [], "labels": [], "scores": []}
+    truth = {"boxes": [], "labels": [], "difficulties": []}
+    for images, boxes, labels, difficulties in tqdm(loader, desc="evaluate", disable=not progress,
+                                                    leave=False, dynamic_ncols=True):
+        images = images.to(device, non_blocking=True, memory_format=memory_format)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            locs, scores = net(images)
+        found = net.detect_objects(locs, scores, min_score, max_overlap, top_k)
+        for key, values in zip(("boxes", "labels", "scores"), found):
+            dets[key] += [v.cpu() for v in values]
+        truth["boxes"] += boxes
+        truth["labels"] += labels
+        truth["difficulties"] += difficulties
+    return dets, truth
+
+
+def evaluate(net, dataset, device, batch_size=32, workers=2, amp_dtype=None,
+             memory_format=torch.contiguous_format, progress=True, **decode):
+    """VOC07 11-point and VOC2010+ area mAP of `net` on `dataset` (kept difficult objects).
+
+    Returns a dict: mAP_07, mAP, per-class aps_07 and aps (by class name), images_per_s,
+    and the precision-recall curves by class name.
+    """
+    start = time.perf_counter()
+    dets, truth = predict(net, dataset, device, batch_size, workers, amp_dtype, memory_format,
+                          progress=progress, **decode)
+    images_per_s = len(dataset) / (time.perf_counter() - start)
+    args = (dets["boxes"], dets["labels"], dets["scores"], truth["boxes"], truth["labels"],
+            truth["difficulties"], net.n_classes)
+    names = {i: name for name, i in dataset.label_map.items()}
+    aps_07, mAP_07 = calculate_mAP(*args, use_07_metric=True)
+    aps, mAP = calculate_mAP(*args, use_07_metric=False)
+    curves = precision_recall_curves(*args)
+    return dict(mAP_07=mAP_07, mAP=mAP, images_per_s=images_per_s,
+                aps_07={names[c]: ap for c, ap in aps_07.items()},
+                aps={names[c]: ap for c, ap in aps.items()},
+                curves={names[c]: curve for c, curve in curves.items()})
+
+
+def print_table(result):
+    width = max(len(name) for name in result["aps_07"]) if result["aps_07"] else 5
+    print(f"{'class':<{width}}  VOC07 AP   area AP")
+    for name in result["aps_07"]:
+        print(f"{name:<{width}}  {result['aps_07'][name]:8.4f}  {result['aps'][name]:8.4f}")
+    print(f"{'mean':<{width}}  {result['mAP_07']:8.4f}  {result['mAP']:8.4f}")
+
+
+def plot_pr_curves(curves, mAP_07, png):
+    """One precision-recall curve per class on one figure."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 6))
+    colours = plt.get_cmap("tab10" if len(curves) <= 10 else "tab20")
+    for i, (name, (recall, precision)) in enumerate(sorted(curves.items())):
+        ax.plot(recall, precision, color=colours(i % colours.N), label=name)
+    ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02),
+           title=f"precision-recall per class (VOC07 mAP {mAP_07:.3f})")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("checkpoint", nargs="?", default="checkpoints/ssd300/checkpoint.pt",
+                   help="checkpoint written by train.py")
+    p.add_argument("--data-folder", help="lists from create_data_lists.py (default: the training run's)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    p.add_argument("--workers", type=int, default=4, help="data loading processes")
+    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cuda, cpu, ...")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (default: on CUDA; also fast on CPUs with AVX-512 bf16)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="NHWC memory format (default: on CUDA; use with --amp on a CPU)")
+    p.add_argument("--min-score", type=float, default=0.01, help="class score threshold")
+    p.add_argument("--max-overlap", type=float, default=0.45, help="NMS IoU threshold")
+    p.add_argument("--top-k", type=int, default=200, help="detections kept per image")
+    p.add_argument("--out", help="folder for results.json and pr_curves.png (default: the checkpoint's)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    try:
+        net, checkpoint = load_checkpoint(args.checkpoint, device)
+        config = checkpoint["config"]
+        data_folder = args.data_folder or config.get("data_folder")
+        dataset = PascalVOCDataset(data_folder, "test", keep_difficult=True)
+        if dataset.label_map != config.get("label_map"):
+            raise ValueError(
+                f"{args.checkpoint} was trained on classes {sorted(config.get('label_map', {}))}, "
+                f"but {data_folder} has {sorted(dataset.label_map)}")
+    except (DataError, FileNotFoundError, ValueError) as e:
+        print(f"eval.py: error: {e}", file=sys.stderr)
+        return 2
+    on_cuda = device.type == "cuda"
+    amp = on_cuda if args.amp is None else args.amp
+    channels_last = on_cuda if args.channels_last is None else args.channels_last
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    torch.backends.cudnn.benchmark = on_cuda
+    result = evaluate(net.to(memory_format=memory_format), dataset, device, args.batch_size,
+                      args.workers, amp_dtype=torch.bfloat16 if amp else None,
+                      memory_format=memory_format,
+                      min_score=args.min_score, max_overlap=args.max_overlap, top_k=args.top_k)
+    print_table(result)
+    print(f"{len(dataset)} images at {result['images_per_s']:.1f} images/s on {device}")
+    out = Path(args.out or Path(args.checkpoint).parent)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {k: v for k, v in result.items() if k != "curves"}
+    summary.update(checkpoint=str(args.checkpoint), data_folder=str(data_folder),
+                   iteration=checkpoint.get("iteration"), min_score=args.min_score,
+                   max_overlap=args.max_overlap, top_k=args.top_k)
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, out / "results.json")
+    plot_pr_curves(result["curves"], result["mAP_07"], out / "pr_curves.png")
+    print(f"wrote {out / 'results.json'} and {out / 'pr_curves.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
