@@ -1,0 +1,318 @@
+"""Speed of the pieces that matter, on this machine: a benchmark, not a test.
+
+    python benchmark.py                      # every section, CPU, 2 threads
+    python benchmark.py model loss detect    # some sections
+    python benchmark.py train eval --device cuda
+
+Sections:
+  model       forward ms/image at batch 1 and 8 (fp32; bf16 autocast + channels_last), against
+              the bf16 compute floor (the model's FLOPs over this machine's bf16 matmul rate)
+  loss        MultiBoxLoss forward + backward at batch 8 and 32
+  detect      detect_objects ms/image at batch 8 (min score 0.01, NMS 0.45, top 200), for random
+              scores and for scores shaped like a trained model's
+  transforms  training transform images/s in one process (JPEG decode included, 500x375), and
+              DataLoader images/s with 2 workers
+  map         calculate_mAP at VOC2007-test size (4952 images, ~15k objects, 200 dets/image)
+  train       training images/s at batch 8: SSD300-VGG16 and the toy preset, fp32 and
+              bf16 + channels_last (CPU) or without and with AMP (CUDA)
+  eval        evaluation images/s of eval.predict (data loading, network and decoding), on
+              untrained weights (more boxes reach NMS than with a trained model)
+Prints a Markdown table; figures in the README came from this script.
+"""
+import argparse
+import contextlib
+import io
+import statistics
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
+
+import create_data_lists
+import datasets
+import model
+import train
+import utils
+from eval import predict
+
+ROWS = []
+
+
+def report(section, what, value, unit, note=""):
+    ROWS.append((section, what, value, unit, note))
+    print(f"| {section} | {what} | {value:.4g} | {unit} | {note} |", flush=True)
+
+
+def timed(fn, device, repeats=5, warmup=2):
+    """Median seconds of fn() over `repeats` calls, after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def random_targets(n_images, n_classes, generator, max_objects=6):
+    """VOC-like targets: 1..max_objects boxes per image (VOC averages ~2.5)."""
+    boxes, labels = [], []
+    for _ in range(n_images):
+        n = int(torch.randint(1, max_objects + 1, (), generator=generator))
+        wh = 0.05 + 0.5 * torch.rand(n, 2, generator=generator)
+        xy = torch.rand(n, 2, generator=generator) * (1 - wh)
+        boxes.append(torch.cat([xy, xy + wh], 1))
+        labels.append(torch.randint(1, n_classes, (n,), generator=generator))
+    return boxes, labels
+
+
+def bf16_matmul_rate(device):
+    """FLOP/s of a large bf16 matrix product: the compute ceiling convolutions can reach."""
+    n = 4096 if device.type == "cuda" else 2048
+    a = torch.randn(n, n, device=device).bfloat16()
+    b = torch.randn(n, n, device=device).bfloat16()
+    return 2 * n ** 3 / timed(lambda: a @ b, device, repeats=10)
+
+
+def section_model(device, args):
+    net = model.SSD300(21).to(device).eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        net(torch.randn(1, 3, 300, 300, device=device))
+    flops = counter.get_total_flops()
+    report("model", "SSD300-VGG16 forward FLOPs", flops / 1e9, "GFLOP/image",
+           f"{sum(p.numel() for p in net.parameters()):,} parameters (21 classes)")
+    rate = bf16_matmul_rate(device)
+    report("model", "bf16 matmul rate", rate / 1e9, "GFLOP/s", "the compute ceiling")
+    floor_ms = flops / rate * 1e3
+    report("model", "bf16 compute floor", floor_ms, "ms/image")
+    net_cl = model.SSD300(21).to(device, memory_format=torch.channels_last).eval()
+    for batch in (1, 8):
+        x = torch.randn(batch, 3, 300, 300, device=device)
+        with torch.no_grad():
+            t = timed(lambda: net(x), device, repeats=3)
+        report("model", f"forward fp32, batch {batch}", t / batch * 1e3, "ms/image")
+        x_cl = x.to(memory_format=torch.channels_last)
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+            t = timed(lambda: net_cl(x_cl), device, repeats=3)
+        report("model", f"forward bf16 + channels_last, batch {batch}", t / batch * 1e3,
+               "ms/image", f"{t / batch * 1e3 / floor_ms:.2f} x the floor")
+
+
+def section_loss(device, args):
+    g = torch.Generator().manual_seed(0)
+    criterion = model.MultiBoxLoss(model.create_priors().to(device))
+    for batch in (8, 32):
+        boxes, labels = random_targets(batch, 21, g)
+        boxes = [b.to(device) for b in boxes]
+        labels = [lab.to(device) for lab in labels]
+        locs = torch.randn(batch, 8732, 4, device=device, requires_grad=True)
+        scores = torch.randn(batch, 8732, 21, device=device, requires_grad=True)
+        t = timed(lambda: criterion(locs, scores, boxes, labels)[0].backward(), device, repeats=10)
+        report("loss", f"MultiBoxLoss forward + backward, batch {batch}", t * 1e3, "ms")
+
+
+def trained_like_scores(batch, n_classes, generator, device):
+    """Nearly every prior confidently background; about 1% of them (clustered near objects in
+    a real model) lean towards one class with a probability anywhere from ~0.02 to ~0.98."""
+    scores = torch.randn(batch, 8732, n_classes, generator=generator)
+    scores[..., 0] += 10
+    hot = (torch.rand(batch, 8732, generator=generator) < 0.01).nonzero(as_tuple=True)
+    classes = torch.randint(1, n_classes, (len(hot[0]),), generator=generator)
+    scores[hot + (classes,)] = 10 + 8 * torch.rand(len(classes), generator=generator) - 4
+    return scores.to(device)
+
+
+def section_detect(device, args):
+    g = torch.Generator().manual_seed(0)
+    priors = model.create_priors().to(device)
+    batch = 8
+    locs = (0.5 * torch.randn(batch, 8732, 4, generator=g)).to(device)
+    for name, scores in (("random scores", torch.randn(batch, 8732, 21, generator=g).to(device)),
+                         ("trained-like scores", trained_like_scores(batch, 21, g, device))):
+        t = timed(lambda: model.detect_objects(locs, scores, priors, 0.01, 0.45, 200), device)
+        n = sum(len(b) for b in model.detect_objects(locs, scores, priors, 0.01, 0.45, 200)[0])
+        report("detect", f"detect_objects, {name}, batch {batch}", t / batch * 1e3, "ms/image",
+               f"{n / batch:.0f} detections/image")
+
+
+def section_transforms(device, args):
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        dataset = datasets.PascalVOCDataset(shapes_lists(root, 64, 8, size=(500, 375)), "train")
+        torch.set_num_threads(1)      # one process, as a DataLoader worker runs
+        n = len(dataset)
+        start = time.perf_counter()
+        for epoch in range(3):
+            dataset.set_epoch(epoch)
+            for i in range(n):
+                dataset[i]
+        report("transforms", "training transform, one process", 3 * n / (time.perf_counter() - start),
+               "images/s", "500x375 JPEG decode included")
+        torch.set_num_threads(args.threads)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=16, num_workers=2, shuffle=True,
+                                             collate_fn=datasets.collate_fn, persistent_workers=True)
+        for _ in loader:                                                 # start the workers
+            break
+        start = time.perf_counter()
+        for epoch in range(3):
+            dataset.set_epoch(epoch)
+            for _ in loader:
+                pass
+        report("transforms", "DataLoader, 2 workers", 3 * (n // 16 * 16) / (time.perf_counter() - start),
+               "images/s", "batch 16")
+
+
+def shapes_lists(root, n_trainval, n_test, size=None):
+    """A shapes dataset under root/voc (rescaled to `size` if given) and its lists, quietly."""
+    datasets.make_shapes_dataset(root / "voc", n_trainval=n_trainval, n_test=n_test, seed=1)
+    if size:
+        resize_voc_layout(root / "voc", size)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        create_data_lists.main(["--root", str(root / "voc"), "--output", str(root / "lists")])
+    return root / "lists"
+
+
+def resize_voc_layout(root, size):
+    """Rescale a VOC-layout folder's images and boxes to `size` (w, h), in place."""
+    for xml_path in (root / "Annotations").glob("*.xml"):
+        tree = ET.parse(xml_path)
+        w, h = int(tree.find("size/width").text), int(tree.find("size/height").text)
+        sx, sy = size[0] / w, size[1] / h
+        tree.find("size/width").text, tree.find("size/height").text = str(size[0]), str(size[1])
+        for box in tree.iter("bndbox"):
+            for tag, s, limit in (("xmin", sx, size[0]), ("xmax", sx, size[0]),
+                                  ("ymin", sy, size[1]), ("ymax", sy, size[1])):
+                v = float(box.find(tag).text)
+                box.find(tag).text = str(min(limit, max(1, round(v * s))))
+        tree.write(xml_path)
+        image_path = root / "JPEGImages" / f"{xml_path.stem}.jpg"
+        Image.open(image_path).convert("RGB").resize(size).save(image_path, quality=90)
+
+
+def voc_sized_map_input(n_images=4952, n_classes=21, dets_per_image=200, seed=0):
+    """Random VOC2007-test-sized evaluation input in 500x375 pixels: 1..5 objects per image
+    (~3, 10% difficult); a quarter of the detections jittered copies of objects, the rest
+    random boxes; random scores."""
+    g = torch.Generator().manual_seed(seed)
+    size = torch.tensor([500.0, 375.0, 500.0, 375.0])
+
+    def boxes_(n):
+        xy = torch.rand(n, 2, generator=g) * 0.8
+        wh = 0.05 + torch.rand(n, 2, generator=g) * (1 - xy - 0.05).clamp(min=0.01)
+        return torch.cat([xy, xy + wh], 1) * size
+
+    out = [[] for _ in range(6)]
+    for _ in range(n_images):
+        n_obj = int(torch.randint(1, 6, (), generator=g))
+        boxes, labels = boxes_(n_obj), torch.randint(1, n_classes, (n_obj,), generator=g)
+        n_near = dets_per_image // 4
+        src = torch.randint(0, n_obj, (n_near,), generator=g)
+        wh = (boxes[src, 2:] - boxes[src, :2]).repeat(1, 2)
+        near = boxes[src] + torch.randn(n_near, 4, generator=g) * 0.1 * wh
+        near_labels = torch.where(torch.rand(n_near, generator=g) < 0.8, labels[src],
+                                  torch.randint(1, n_classes, (n_near,), generator=g))
+        far_labels = torch.randint(1, n_classes, (dets_per_image - n_near,), generator=g)
+        values = (torch.cat([near, boxes_(dets_per_image - n_near)]), torch.cat([near_labels, far_labels]),
+                  torch.rand(dets_per_image, generator=g), boxes, labels,
+                  torch.rand(n_obj, generator=g) < 0.1)
+        for column, v in zip(out, values):
+            column.append(v)
+    return out
+
+
+def section_map(device, args):
+    inputs = voc_sized_map_input()
+    n_objects = sum(len(t) for t in inputs[4])
+    for use_07 in (True, False):
+        t = timed(lambda: utils.calculate_mAP(*inputs, n_classes=21, use_07_metric=use_07),
+                  torch.device("cpu"), repeats=5, warmup=1)
+        report("map", f"calculate_mAP, {'11-point' if use_07 else 'area'}", t, "s",
+               f"4952 images, {n_objects} objects, 990,400 detections")
+
+
+def section_train(device, args):
+    """Whole training steps (forward, loss, backward, SGD) on synthetic batches: no data loading."""
+    g = torch.Generator().manual_seed(0)
+    on_cuda = device.type == "cuda"
+    variants = [("SSD300-VGG16", 1.0), ("toy preset", train.PRESETS["toy"]["width"])]
+    modes = [("fp32, no AMP", None), ("bf16 AMP", torch.bfloat16)] if on_cuda else \
+        [("fp32", None), ("bf16 autocast", torch.bfloat16)]
+    for batch in ((8, 32) if on_cuda else (8,)):
+        images = torch.randn(batch, 3, 300, 300)
+        boxes, labels = random_targets(batch, 21, g)
+        boxes = [b.to(device) for b in boxes]
+        labels = [lab.to(device) for lab in labels]
+        for name, width in variants:
+            for mode, dtype in modes:
+                # channels_last goes with bf16 on the CPU, and always on CUDA (cuDNN's NHWC kernels).
+                fmt = torch.channels_last if on_cuda or dtype else torch.contiguous_format
+                net = model.SSD300(21, width=width).to(device, memory_format=fmt).train()
+                criterion = model.MultiBoxLoss(net.priors_cxcy)
+                optimizer = train.make_optimizer(net, dict(weight_decay=5e-4, lr=1e-3, momentum=0.9))
+                x = images.to(device, memory_format=fmt)
+                scaler = torch.amp.GradScaler(device.type, enabled=False)
+
+                def step():
+                    loss = train.forward_loss(net, criterion, x, boxes, labels, dtype)[0]
+                    train.backward_step(loss, optimizer, scaler)
+                repeats = 3 if width == 1.0 and not on_cuda else 10
+                t = timed(step, device, repeats=repeats, warmup=2)
+                layout = "channels_last" if fmt == torch.channels_last else "NCHW"
+                report("train", f"{name}, {mode}, {layout}, batch {batch}", batch / t, "images/s")
+
+
+def section_eval(device, args):
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        n_test = 64 if device.type == "cpu" else 512
+        dataset = datasets.PascalVOCDataset(shapes_lists(root, 8, n_test), "test")
+        on_cuda = device.type == "cuda"
+        fmt = torch.channels_last if on_cuda else torch.contiguous_format
+        for name, width in (("SSD300-VGG16", 1.0), ("toy preset", train.PRESETS["toy"]["width"])):
+            net = model.SSD300(len(dataset.label_map), width=width).to(device, memory_format=fmt)
+            for mode, dtype in ((("fp32", None),) + ((("bf16 AMP", torch.bfloat16),) if on_cuda else ())):
+                def run():
+                    predict(net, dataset, device, batch_size=32, workers=args.workers, amp_dtype=dtype,
+                            memory_format=fmt, progress=False)
+                run()                                                  # warm-up
+                start = time.perf_counter()
+                run()
+                report("eval", f"{name}, {mode}, batch 32", len(dataset) / (time.perf_counter() - start),
+                       "images/s", "untrained weights: many boxes reach NMS")
+
+
+SECTIONS = dict(model=section_model, loss=section_loss, detect=section_detect,
+                transforms=section_transforms, map=section_map, train=section_train, eval=section_eval)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("sections", nargs="*", metavar="SECTION",
+                   help=f"which to run, of {', '.join(SECTIONS)} (default: all)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=int, default=2, help="torch threads on CPU")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers for the eval section")
+    args = p.parse_args(argv)
+    unknown = set(args.sections) - set(SECTIONS)
+    if unknown:
+        p.error(f"unknown sections {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    print(f"torch {torch.__version__}, {device}" +
+          (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else f", {args.threads} threads"))
+    print("| section | what | value | unit | note |\n|---|---|---|---|---|")
+    for name in args.sections or SECTIONS:
+        SECTIONS[name](device, args)
+
+
+if __name__ == "__main__":
+    main()

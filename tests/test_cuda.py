@@ -1,0 +1,60 @@
+"""The CUDA paths agree with the CPU ones. Skipped on machines without a GPU (such as CI's);
+run on a GPU machine with: python -m pytest -q tests/test_cuda.py"""
+import pytest
+import torch
+
+import model
+import utils
+from test_model import random_boxes, random_targets
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_loss_on_cuda_equals_cpu():
+    g = torch.Generator().manual_seed(0)
+    priors = model.create_priors()
+    boxes, labels = random_targets(8, 6, g)
+    locs = torch.randn(8, 8732, 4, generator=g)
+    scores = 3 * torch.randn(8, 8732, 6, generator=g)
+    cpu = model.MultiBoxLoss(priors)(locs, scores, boxes, labels)
+    gpu = model.MultiBoxLoss(priors.cuda())(locs.cuda(), scores.cuda(),
+                                            [b.cuda() for b in boxes], [lab.cuda() for lab in labels])
+    for a, b in zip(cpu, gpu):
+        assert torch.allclose(a, b.cpu(), rtol=1e-4), (cpu, gpu)
+
+
+def test_detect_objects_on_cuda_equals_cpu():
+    g = torch.Generator().manual_seed(1)
+    priors = model.create_priors()
+    locs = 0.5 * torch.randn(4, 8732, 4, generator=g)
+    scores = torch.randn(4, 8732, 5, generator=g)
+    cpu = model.detect_objects(locs, scores, priors, 0.01, 0.45, 200)
+    gpu = model.detect_objects(locs.cuda(), scores.cuda(), priors.cuda(), 0.01, 0.45, 200)
+    for c, d in zip(cpu, gpu):
+        for a, b in zip(c, d):
+            assert a.shape == b.shape
+            assert torch.allclose(a.float(), b.cpu().float(), atol=1e-5)
+
+
+def test_greedy_nms_on_cuda_equals_torchvision():
+    g = torch.Generator().manual_seed(2)
+    boxes = torch.stack([random_boxes(300, g, 0.05, 0.4) for _ in range(40)]).cuda()
+    scores = torch.rand(40, 300, generator=g).sort(dim=1, descending=True).values.cuda()
+    keep = utils.greedy_nms(boxes, scores > 0.1, 0.45)
+    for i in range(40):
+        idx = (scores[i] > 0.1).nonzero().flatten()
+        want = torch.ops.torchvision.nms(boxes[i, idx], scores[i, idx], 0.45)
+        assert keep[i].nonzero().flatten().tolist() == sorted(idx[want].tolist())
+
+
+def test_bf16_autocast_forward_is_close_to_fp32():
+    torch.manual_seed(0)
+    net = model.SSD300(21).cuda().eval().to(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, 300, 300, device="cuda").to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        locs32, scores32 = net(x)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            locs16, scores16 = net(x)
+    for a, b in ((locs32, locs16), (scores32, scores16)):
+        assert torch.isfinite(b).all()
+        assert (a - b.float()).norm() / a.norm() < 3e-2
