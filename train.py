@@ -575,9 +575,12 @@ def main(argv=None):
         elif config["scale_lr"]:
             apply_linear_scaling(config)
         code = Trainer(config).run()
-    except (DataError, FileNotFoundError, FileExistsError, ValueError, FloatingPointError) as e:
+    except (DataError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
-        code = 2 if not isinstance(e, FloatingPointError) else 1
+        code = 2
+    except (OSError, FloatingPointError) as e:        # e.g. a full disk, or a diverged run
+        print(f"train.py: error: {e}", file=sys.stderr)
+        code = 1
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

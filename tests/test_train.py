@@ -193,3 +193,21 @@ def test_plot_compares_runs(shapes_lists, tmp_path):
     assert train.main(["--plot", str(tmp_path / "a"), str(tmp_path / "b" / "log.csv"),
                        "--plot-out", str(png)]) == 0
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_failed_save_keeps_the_previous_checkpoint(shapes_lists, tmp_path, monkeypatch, capsys):
+    assert train.main(run_args(shapes_lists, tmp_path, "--iterations", "2")) == 0
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+
+    def disk_full(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.warns(UserWarning, match="No space left"):      # periodic saves: keep training
+        code = train.main(run_args(shapes_lists, tmp_path, "--iterations", "4", "--save-every", "2",
+                                   "--overwrite"))
+    assert code == 1                                             # the final save failed too
+    assert "could not save" in capsys.readouterr().err
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before  # the old checkpoint is intact
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp")] == []
