@@ -78,7 +78,7 @@ def build_parser(suppress_defaults=False):
     opt.add_argument("--lr-gamma", type=float, default=d(0.1), help="learning rate factor at each step")
     opt.add_argument("--warmup", type=int, default=d(0), help="linear warm-up iterations")
     opt.add_argument("--scale-lr", action="store_true", default=d(False),
-                     help="linear scaling rule: lr x batch/32, iterations and steps x 32/batch")
+                     help="linear scaling rule: lr x batch/32, iterations and lr steps x 32/batch")
     opt.add_argument("--max-bad-steps", type=int, default=d(5),
                      help="stop after this many non-finite losses in a row")
     run = p.add_argument_group("run")
@@ -207,12 +207,12 @@ def learning_rate(iteration, config):
 
 
 def apply_linear_scaling(config):
-    """Linear scaling rule (Goyal et al.): same epochs and lr per image as batch 32."""
+    """Linear scaling rule (Goyal et al.): the same epochs and lr per image as at batch 32.
+    The warm-up stays as given: larger batches want one (--warmup), not a shorter one."""
     factor = config["batch_size"] / 32
     config["lr"] *= factor
     config["iterations"] = round(config["iterations"] / factor)
     config["lr_steps"] = [round(s / factor) for s in config["lr_steps"]]
-    config["warmup"] = round(config["warmup"] / factor)
 
 
 def amp_dtype(choice, device):

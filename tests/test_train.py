@@ -59,7 +59,7 @@ def test_learning_rate_schedule():
     scaled = dict(config, batch_size=64, iterations=120_000)
     train.apply_linear_scaling(scaled)
     assert scaled["lr"] == pytest.approx(2e-3) and scaled["iterations"] == 60_000
-    assert scaled["lr_steps"] == [40_000, 50_000] and scaled["warmup"] == 50
+    assert scaled["lr_steps"] == [40_000, 50_000] and scaled["warmup"] == 100
 
 
 def test_explicit_arguments_beat_the_preset():
