@@ -11,7 +11,7 @@ import os
 import tempfile
 
 import torch
-from torchvision.ops import box_convert, box_iou
+from torchvision.ops import box_convert
 
 # Variances of the SSD offset encoding (Caffe's prior "variance" 0.1, 0.1, 0.2, 0.2): the
 # centre offsets are divided by 0.1 and the log size ratios by 0.2, which scales the
@@ -51,7 +51,10 @@ def decode(g_cxcy, priors_cxcy):
 def pairwise_iou(a, b):
     """IoU of every box in a (..., n, 4) with every box in b (..., m, 4), corners: (..., n, m).
 
-    torchvision's box_iou does one pair of sets; this broadcasts over leading dimensions.
+    torchvision.ops.box_iou broadcasts over leading dimensions only in recent releases (0.19,
+    which requirements.txt admits, takes n x 4 and m x 4 alone), so the batched cases (NMS
+    groups, detections against their image's objects) use this, in box_iou's order of
+    operations. One pair of plain sets (priors, crops) uses box_iou itself.
     """
     lt = torch.maximum(a[..., :, None, :2], b[..., None, :, :2])
     rb = torch.minimum(a[..., :, None, 2:], b[..., None, :, 2:])
@@ -186,7 +189,7 @@ def _match(det_boxes, det_scores, det_images, gt_boxes, gt_difficult, gt_images,
     # Best object of each detection among all of its class in its image, already matched or
     # not (the devkit does not fall back to the second best); the first one on ties.
     candidates = gt_index[det_images]  # (D, G)
-    iou = box_iou(det_boxes[:, None], padded_boxes[det_images])[:, 0]  # (D, G)
+    iou = pairwise_iou(det_boxes[:, None], padded_boxes[det_images])[:, 0]  # (D, G)
     best_iou, best_slot = iou.masked_fill(candidates < 0, -1).max(1)
     best_gt = candidates.gather(1, best_slot[:, None])[:, 0]  # (D,), -1 if none
 
