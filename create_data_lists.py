@@ -16,9 +16,6 @@ pixel coordinates, labels, difficulties 0/1, and size [width, height] of the ann
 and label_map.json (class name -> index, "background": 0).
 """
 import argparse
-import json
-import os
-import tempfile
 import xml.etree.ElementTree as ET
 from collections import Counter
 from dataclasses import dataclass, field
@@ -29,6 +26,7 @@ from tqdm import tqdm
 
 from datasets import (SHAPE_CLASSES, DataError, exif_rotated_size, load_image, make_shapes_dataset,
                       uses_exif_frame)
+from utils import atomic_write_json
 
 VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
@@ -187,19 +185,6 @@ def to_objects(annotations, label_map):
     return entries
 
 
-def write_json_atomic(path, data):
-    """Write JSON to a temporary file in the same folder, then rename it over `path`."""
-    path = Path(path)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "w") as f:
-            json.dump(data, f)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
-
-
 def split_summary(entries, label_map, unknown, bad_boxes):
     """Counts for one split: images, objects and difficult objects per class, what was skipped."""
     index_to_name = {index: name for name, index in label_map.items()}
@@ -245,7 +230,7 @@ def create_data_lists(train_sources, test_sources, output_folder, classes=None, 
     output_folder = Path(output_folder)
     output_folder.mkdir(parents=True, exist_ok=True)
     for name, data in outputs.items():
-        write_json_atomic(output_folder / name, data)
+        atomic_write_json(output_folder / name, data)
     return summary
 
 

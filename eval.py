@@ -8,8 +8,6 @@ reports VOC07 11-point mAP (the paper's metric for VOC2007 test) and VOC2010+ ar
 writes results.json and pr_curves.png next to the checkpoint.
 """
 import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -19,7 +17,8 @@ from tqdm import tqdm
 
 from datasets import DataError, PascalVOCDataset, collate_fn
 from model import load_checkpoint
-from utils import HelpFormatter, calculate_mAP, pick_device, precision_recall_curves
+from utils import (HelpFormatter, atomic_write_json, calculate_mAP, pick_device,
+                   precision_recall_curves, save_figure)
 
 
 @torch.inference_mode()
@@ -95,8 +94,7 @@ def plot_pr_curves(curves, mAP_07, png):
     ax.grid(True, alpha=0.3)
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
     fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
+    save_figure(fig, png)
 
 
 def parse_args(argv=None):
@@ -150,9 +148,7 @@ def main(argv=None):
     summary.update(checkpoint=str(args.checkpoint), data_folder=str(data_folder),
                    iteration=checkpoint.get("iteration"), min_score=args.min_score,
                    max_overlap=args.max_overlap, top_k=args.top_k)
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, out / "results.json")
+    atomic_write_json(out / "results.json", summary, indent=2)
     plot_pr_curves(result["curves"], result["mAP_07"], out / "pr_curves.png")
     print(f"wrote {out / 'results.json'} and {out / 'pr_curves.png'}")
     return 0

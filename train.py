@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from datasets import DataError, PascalVOCDataset, collate_fn
 from model import MultiBoxLoss, SSD300
-from utils import HelpFormatter, atomic_torch_save, pick_device
+from utils import HelpFormatter, atomic_torch_save, atomic_write, pick_device, save_figure
 
 # Settings a preset changes; anything given on the command line still wins.
 PRESETS = {
@@ -256,12 +256,10 @@ def load_resume_state(path, config):
 
 
 def write_log(path, history):
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_write(path) as f:
         writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
         writer.writeheader()
         writer.writerows(history)
-    os.replace(tmp, path)
 
 
 def read_log(path):
@@ -315,10 +313,7 @@ def plot_loss_curves(runs, png):
         ax.grid(True, alpha=0.3)
     axes[0].legend()
     fig.tight_layout()
-    tmp = Path(png).with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, png)
+    save_figure(fig, png)
 
 
 # ------------------------------------------------------------------------------ training

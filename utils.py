@@ -7,6 +7,8 @@ Both are fractional (0..1 of the image side) inside the model. torchvision.ops a
 does IoU and the corner <-> centre conversion, so we call it rather than write it again.
 """
 import argparse
+import contextlib
+import json
 import os
 import tempfile
 
@@ -123,16 +125,18 @@ def pick_device(name="auto"):
     return torch.device("cpu")
 
 
-def atomic_torch_save(obj, path):
-    """torch.save to a temporary file beside `path`, then rename it over `path`.
+@contextlib.contextmanager
+def atomic_write(path, mode="w"):
+    """Write through a temporary file beside `path`, renamed over it once complete.
 
-    A crash or a full disk while writing leaves the previous file untouched.
+    A crash or a full disk while writing leaves the previous file untouched and no temporary
+    file behind; an OSError says which file could not be saved.
     """
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"newline": ""})) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -145,9 +149,30 @@ def atomic_torch_save(obj, path):
         raise
 
 
+def atomic_torch_save(obj, path):
+    with atomic_write(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def atomic_write_json(path, data, indent=None):
+    with atomic_write(path) as f:
+        json.dump(data, f, indent=indent)
+
+
+def save_figure(fig, png):
+    """Save a matplotlib figure as PNG, atomically, and free it."""
+    import matplotlib.pyplot as plt
+    try:
+        with atomic_write(png, "wb") as f:
+            fig.savefig(f, format="png", dpi=100)
+    finally:
+        plt.close(fig)
+
+
 # --------------------------------------------------------------------------------------
 # Detection evaluation: PASCAL VOC average precision, with the official devkit's rules.
 # --------------------------------------------------------------------------------------
+
 # A detection must overlap an object by strictly more than this IoU to match it.
 VOC_IOU_THRESHOLD = 0.5
 

@@ -7,8 +7,9 @@ import torch
 from PIL import Image
 
 import datasets as D
-from create_data_lists import VOC_CLASSES, create_data_lists, main, write_json_atomic
+from create_data_lists import VOC_CLASSES, create_data_lists, main
 from datasets import DataError, PascalVOCDataset, collate_fn, load_image, train_transform
+from utils import atomic_write_json as write_json_atomic
 
 
 def save_jpeg(path, size, mode="RGB", exif=None, seed=0):
