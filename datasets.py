@@ -69,15 +69,25 @@ def uses_exif_frame(image, annotated_size):
     return tuple(annotated_size) == exif_rotated_size(image)
 
 
-def load_image(path, annotated_size=None):
-    """Load an image as PIL RGB, in the frame whose size matches `annotated_size` (see uses_exif_frame)."""
+def to_rgb(image):
+    """A PIL image of any mode as RGB; transparent pixels are laid on white."""
+    if image.has_transparency_data:
+        white = Image.new("RGBA", image.size, "white")
+        return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(path, annotated_size=None, displayed=False):
+    """Load an image as PIL RGB (decoded in full, so a corrupt file fails here, naming it).
+
+    The frame: the one whose size matches `annotated_size` (see uses_exif_frame), or with
+    displayed=True the one a viewer shows, EXIF orientation applied (for users' photos).
+    """
     try:
         with Image.open(path) as image:
-            if uses_exif_frame(image, annotated_size):
+            if displayed or uses_exif_frame(image, annotated_size):
                 image = ImageOps.exif_transpose(image)
-            if image.mode == "P":  # palette transparency is only dropped cleanly via RGBA
-                image = image.convert("RGBA")
-            return image.convert("RGB")  # also forces the full decode, so corrupt files fail here
+            return to_rgb(image)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise DataError(f"{path}: cannot read image ({error})") from error
 

@@ -17,10 +17,11 @@ stderr and skipped. Exit status: 0 if at least one image was processed, 1 otherw
 
 From Python (e.g. a notebook):
 
-    from detect import detect, draw_detections, open_image
+    from datasets import load_image
+    from detect import detect, draw_detections
     from model import load_checkpoint
     net, checkpoint = load_checkpoint("checkpoints/run/checkpoint.pt", "cpu")
-    image = open_image("photo.jpg")
+    image = load_image("photo.jpg", displayed=True)
     boxes, labels, scores = detect(net, image)          # pixels, label indices, scores
     draw_detections(image, boxes, labels, scores, checkpoint["config"]["label_map"]).show()
 """
@@ -31,10 +32,10 @@ import sys
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from datasets import DataError, to_model_input
+from datasets import DataError, load_image, to_model_input, to_rgb
 from model import load_checkpoint
 from utils import pick_device
 
@@ -51,26 +52,6 @@ IMAGE_EXTENSIONS = {ext for ext, fmt in Image.registered_extensions().items() if
 # ----------------------------------------------------------------------------------------
 # Images in and out
 # ----------------------------------------------------------------------------------------
-
-def to_rgb(image):
-    """A PIL image of any mode as an RGB copy, transparent pixels composited onto white."""
-    if image.has_transparency_data:
-        white = Image.new("RGBA", image.size, "white")
-        return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
-    return image.convert("RGB")
-
-
-def open_image(path):
-    """Read an image as RGB in its displayed frame (EXIF orientation applied).
-
-    Raises DataError naming the file if Pillow cannot read it.
-    """
-    try:
-        with Image.open(path) as image:
-            return to_rgb(ImageOps.exif_transpose(image))   # forces the decode: errors land here
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise DataError(f"{path}: cannot read image ({error})") from error
-
 
 def find_images(inputs):
     """Expand files, folders and glob patterns into (files without repeats, problem messages)."""
@@ -141,7 +122,7 @@ def detect_batch(net, images, min_score=0.2, max_overlap=0.5, top_k=200, amp=Non
 def detect(net, image, min_score=0.2, max_overlap=0.5, top_k=200, amp=None):
     """Detections in one PIL image: (boxes k x 4 in its pixels, label indices k, scores k).
 
-    Boxes refer to `image` as passed: use open_image() for a file's displayed (EXIF-rotated) frame.
+    Boxes refer to `image` as passed: use datasets.load_image(path, displayed=True) for a file's displayed (EXIF-rotated) frame.
     """
     return detect_batch(net, [image], min_score, max_overlap, top_k, amp)[0]
 
@@ -269,7 +250,7 @@ def main(argv=None):
             batch = []                                   # (path, PIL RGB image)
             for path in paths[start:start + args.batch_size]:
                 try:
-                    batch.append((path, open_image(path)))
+                    batch.append((path, load_image(path, displayed=True)))
                 except DataError as error:
                     tqdm.write(str(error), file=sys.stderr)
                     bar.update()
