@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from datasets import DataError, PascalVOCDataset, collate_fn
 from model import load_checkpoint
-from utils import (HelpFormatter, atomic_write_json, calculate_mAP, pick_device,
+from utils import (HelpFormatter, atomic_write_json, mean_average_precision, pick_device,
                    precision_recall_curves, save_figure)
 
 
@@ -63,9 +63,9 @@ def evaluate(net, dataset, device, batch_size=32, workers=2, amp_dtype=None,
     args = (dets["boxes"], dets["labels"], dets["scores"], truth["boxes"], truth["labels"],
             truth["difficulties"], net.n_classes)
     names = {i: name for name, i in dataset.label_map.items()}
-    aps_07, mAP_07 = calculate_mAP(*args, use_07_metric=True)
-    aps, mAP = calculate_mAP(*args, use_07_metric=False)
-    curves = precision_recall_curves(*args)
+    curves = precision_recall_curves(*args)              # the matching runs once, here
+    aps_07, mAP_07 = mean_average_precision(curves, use_07_metric=True)
+    aps, mAP = mean_average_precision(curves, use_07_metric=False)
     return dict(mAP_07=mAP_07, mAP=mAP, images_per_s=images_per_s,
                 aps_07={names[c]: ap for c, ap in aps_07.items()},
                 aps={names[c]: ap for c, ap in aps.items()},

@@ -290,6 +290,15 @@ def precision_recall_curves(det_boxes, det_labels, det_scores, true_boxes, true_
     return {c: (recall.numpy(), precision.numpy()) for c, recall, precision in curves}
 
 
+def mean_average_precision(curves, use_07_metric=True):
+    """(aps, mean_ap) from `precision_recall_curves`' output, so that both metrics and the
+    curves come from one matching pass."""
+    aps = {c: _average_precision(torch.as_tensor(recall), torch.as_tensor(precision), use_07_metric)
+           for c, (recall, precision) in curves.items()}
+    mean_ap = sum(aps.values()) / len(aps) if aps else float("nan")
+    return aps, mean_ap
+
+
 def calculate_mAP(det_boxes, det_labels, det_scores, true_boxes, true_labels,
                   true_difficulties, n_classes, use_07_metric=True):
     """Mean average precision as the PASCAL VOC devkit computes it (IoU > 0.5, no +1).
@@ -301,9 +310,6 @@ def calculate_mAP(det_boxes, det_labels, det_scores, true_boxes, true_labels,
     Returns (aps, mean_ap): {class: AP} for the classes with at least one non-difficult
     object (the others are left out, having no AP), and the mean of those APs (nan if none).
     """
-    curves = _class_curves(det_boxes, det_labels, det_scores, true_boxes, true_labels,
-                           true_difficulties, n_classes)
-    aps = {c: _average_precision(recall, precision, use_07_metric)
-           for c, recall, precision in curves}
-    mean_ap = sum(aps.values()) / len(aps) if aps else float("nan")
-    return aps, mean_ap
+    curves = precision_recall_curves(det_boxes, det_labels, det_scores, true_boxes, true_labels,
+                                     true_difficulties, n_classes)
+    return mean_average_precision(curves, use_07_metric)
