@@ -526,11 +526,10 @@ def detect_objects(pred_locs, pred_scores, priors_cxcy, min_score=0.01, max_over
 # Checkpoints
 # ----------------------------------------------------------------------------------------
 
-def load_checkpoint(path, device="cpu"):
-    """Rebuild the trained SSD300 from a checkpoint written by train.py.
+def read_checkpoint(path, required=("model", "config")):
+    """A checkpoint written by train.py, as a dict, with clear errors for anything else.
 
-    Returns (model in eval mode on `device`, the checkpoint dict). The checkpoint holds only
-    tensors and plain Python values, so it loads with weights_only=True.
+    It holds only tensors and plain Python values, so it loads with weights_only=True.
     """
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
@@ -539,9 +538,18 @@ def load_checkpoint(path, device="cpu"):
     except Exception as e:
         raise ValueError(f"{path} is not a readable PyTorch checkpoint "
                          f"({type(e).__name__}: {e})") from e
-    if not isinstance(checkpoint, dict) or not {"model", "config"} <= set(checkpoint):
+    if not isinstance(checkpoint, dict) or not set(required) <= set(checkpoint):
         raise ValueError(f"{path} is not an SSD300 checkpoint written by train.py "
-                         "(it has no 'model' and 'config' entries)")
+                         f"(it lacks some of {', '.join(required)})")
+    return checkpoint
+
+
+def load_checkpoint(path, device="cpu"):
+    """Rebuild the trained SSD300 from a checkpoint written by train.py.
+
+    Returns (model in eval mode on `device`, the checkpoint dict).
+    """
+    checkpoint = read_checkpoint(path)
     config = checkpoint["config"]
     try:
         net = SSD300(config["n_classes"], config["backbone"], width=config["width"])

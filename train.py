@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from datasets import DataError, PascalVOCDataset, collate_fn
-from model import MultiBoxLoss, SSD300
+from model import MultiBoxLoss, SSD300, read_checkpoint
 from utils import HelpFormatter, atomic_torch_save, atomic_write, pick_device, save_figure
 
 # Settings a preset changes; anything given on the command line still wins.
@@ -105,15 +105,17 @@ def build_parser(suppress_defaults=False):
     return p
 
 
+def explicit_arguments(argv=None):
+    """Only the settings given on the command line."""
+    return vars(build_parser(suppress_defaults=True).parse_args(argv))
+
+
 def parse_config(argv=None):
     """Command line -> config dict: defaults < preset < explicit arguments."""
-    parser = build_parser()
-    config = vars(parser.parse_args(argv))
-    explicit = vars(build_parser(suppress_defaults=True).parse_args(argv))
+    config = vars(build_parser().parse_args(argv))
     if config["preset"]:
         config.update(PRESETS[config["preset"]])
-        config.update(explicit)
-    config["explicit"] = sorted(explicit)
+        config.update(explicit_arguments(argv))
     return config
 
 
@@ -134,9 +136,10 @@ def setup_distributed(device_name):
 
 def all_ranks_max(values, device, world):
     """Element-wise max over ranks of a list of numbers (identity on one process)."""
+    if world == 1:
+        return values
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    if world > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.tolist()
 
 
@@ -232,26 +235,18 @@ def checkpoint_state(net, optimizer, scaler, iteration, config, history):
                 rng_cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
 
 
-def load_resume_state(path, config):
+def load_resume_state(path, config, explicit):
     """Read a checkpoint to resume; its config wins, except settings given explicitly."""
     path = Path(config["out"]) / "checkpoint.pt" if path == "latest" else Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint to resume at {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e})") from e
-    if not isinstance(state, dict) or not {"model", "optimizer", "config", "iteration"} <= set(state):
-        raise ValueError(f"{path} is not a training checkpoint written by train.py")
+    state = read_checkpoint(path, required=("model", "optimizer", "scaler", "config", "iteration"))
     saved = dict(state["config"])
-    for key in config["explicit"]:
+    for key in explicit:
         if key in ARCHITECTURE and config[key] != saved.get(key):
             raise ValueError(f"{path} was trained with {key}={saved.get(key)!r}, "
                              f"not {config[key]!r}: start a new run folder instead")
         if key not in ("resume", "preset"):
             saved[key] = config[key]
     saved["resume"] = str(path)
-    saved["explicit"] = config["explicit"]
     return state, saved
 
 
@@ -262,17 +257,22 @@ def write_log(path, history):
         writer.writerows(history)
 
 
-def read_log(path):
-    """A run folder or log.csv -> dict of columns (floats; mAP only where evaluated)."""
-    path = Path(path)
+def log_columns(rows):
+    """Log rows (dicts, as in history or log.csv) -> columns of floats; mAP as (iteration, mAP)
+    pairs where it was measured."""
+    columns = {k: [float(r[k]) for r in rows] for k in LOG_FIELDS if k != "mAP"}
+    columns["mAP"] = [(float(r["iteration"]), float(r["mAP"])) for r in rows if r.get("mAP", "") != ""]
+    return columns
+
+
+def read_log(run):
+    """A run folder or log.csv -> (run name, log columns)."""
+    path = Path(run)
     path = path / "log.csv" if path.is_dir() else path
     if not path.is_file():
         raise FileNotFoundError(f"no training log at {path}")
     with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    columns = {k: [float(r[k]) for r in rows] for k in LOG_FIELDS if k != "mAP"}
-    columns["mAP"] = [(float(r["iteration"]), float(r["mAP"])) for r in rows if r.get("mAP")]
-    return columns
+        return path.parent.name, log_columns(list(csv.DictReader(f)))
 
 
 def smooth(values):
@@ -285,14 +285,12 @@ def smooth(values):
     return out
 
 
-def plot_loss_curves(runs, png):
+def plot_loss_curves(logs, png):
     """Total, localisation and confidence loss (raw and smoothed) of one or more runs, and
-    their test mAP where it was measured, in one PNG."""
+    their test mAP where it was measured, in one PNG. logs: [(run name, log columns)]."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    logs = [(Path(r).parent.name if Path(r).suffix == ".csv" else Path(r).name, read_log(r))
-            for r in runs]
     with_map = any(log["mAP"] for _, log in logs)
     panels = [("loss", "total loss"), ("loc_loss", "localisation loss"), ("conf_loss", "confidence loss")]
     fig, axes = plt.subplots(1, len(panels) + with_map, figsize=(5 * (len(panels) + with_map), 4))
@@ -347,14 +345,13 @@ def ignore_interrupts(worker_id):
 class Trainer:
     """One training run: the data, the network and its optimiser, and the loop."""
 
-    def __init__(self, config):
+    def __init__(self, config, resume_state=None):
         self.config = config
         self.rank, self.world, self.device = setup_distributed(config["device"])
         self.main_process = self.rank == 0
         if config["batch_size"] % self.world:
             raise ValueError(f"--batch-size {config['batch_size']} is not divisible by "
                              f"{self.world} processes")
-        resume_state = config.pop("resume_state", None)
         self.out = Path(config["out"])
         if resume_state is None and (self.out / "checkpoint.pt").exists() and not config["overwrite"]:
             raise FileExistsError(f"{self.out} already holds a run: continue it with --resume, "
@@ -482,7 +479,11 @@ class Trainer:
                                     img_s=f"{row['images_per_s']:.1f}")
                     if self.main_process:
                         write_log(self.out / "log.csv", self.history)
-                        plot_loss_curves([self.out / "log.csv"], self.out / "loss_curve.png")
+                        # Every 10th row, and whenever mAP is measured or the run ends.
+                        if len(self.history) % 10 == 0 or evaluate or it == config["iterations"] \
+                                or stop_now:
+                            plot_loss_curves([(self.out.name, log_columns(self.history))],
+                                             self.out / "loss_curve.png")
                     sums.zero_()
                     n_summed, t_last = 0, time.perf_counter()
                 if stop_now:
@@ -560,16 +561,16 @@ def check_ranks_agree(net, device, world, main_process):
 def main(argv=None):
     config = parse_config(argv)
     if config["plot"]:
-        plot_loss_curves(config["plot"], config["plot_out"])
+        plot_loss_curves([read_log(run) for run in config["plot"]], config["plot_out"])
         print(f"wrote {config['plot_out']}")
         return 0
     try:
+        state = None
         if config["resume"]:
-            state, config = load_resume_state(config["resume"], config)
-            config["resume_state"] = state
+            state, config = load_resume_state(config["resume"], config, explicit_arguments(argv))
         elif config["scale_lr"]:
             apply_linear_scaling(config)
-        code = Trainer(config).run()
+        code = Trainer(config, state).run()
     except (DataError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         code = 2
