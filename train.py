@@ -386,7 +386,7 @@ class Trainer:
     def _build_model(self, resume_state):
         config = self.config
         self.net = SSD300(config["n_classes"], config["backbone"], width=config["width"],
-                          pretrained=config["pretrained"] and resume_state is None)
+                          pretrained=config["pretrained"] if resume_state is None else False)
         self.net.to(self.device, memory_format=self.memory_format)
         self.criterion = MultiBoxLoss(self.net.priors_cxcy, loc_loss=config["loc_loss"])
         self.optimizer = make_optimizer(self.net, config)
