@@ -7,13 +7,15 @@
     boxes, labels, scores = model.detect_objects(locs, scores, 0.01, 0.45, 200)
 """
 import math
+import os
 from collections import OrderedDict
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from torchvision.ops import box_iou
+from torchvision.models.resnet import BasicBlock
+from torchvision.ops import FrozenBatchNorm2d, box_iou
 
 from utils import cxcy_to_xy, decode, encode, greedy_nms, xy_to_cxcy
 
@@ -136,24 +138,24 @@ class VGGBase(nn.Module):
         source: True for torchvision's IMAGENET1K_V1 weights (downloaded and cached by
         torchvision on first use), or the path of a saved torchvision VGG16 state dict.
         """
-        self.load_state_dict(vgg16_to_ssd_base(load_vgg16_state_dict(source), self.state_dict()))
+        vgg = load_imagenet_state_dict(torchvision.models.VGG16_Weights.IMAGENET1K_V1, source)
+        self.load_state_dict(vgg16_to_ssd_base(vgg, self.state_dict()))
 
 
-def load_vgg16_state_dict(source):
-    """torchvision VGG16 state dict from its weights API or from a local file."""
+def load_imagenet_state_dict(weights, source):
+    """An ImageNet state dict: torchvision's `weights` (source True) or a local file (source a path)."""
     try:
-        if isinstance(source, str):
+        if isinstance(source, (str, os.PathLike)):
             return torch.load(source, map_location="cpu", weights_only=True)
-        weights = torchvision.models.VGG16_Weights.IMAGENET1K_V1
         return weights.get_state_dict(progress=True, check_hash=True)
     except Exception as e:
-        where = source if isinstance(source, str) else "torchvision's download server"
+        where = source if isinstance(source, (str, os.PathLike)) else "torchvision's download server"
         raise RuntimeError(
-            f"Could not load ImageNet VGG16 weights from {where} ({type(e).__name__}: {e}).\n"
+            f"Could not load ImageNet weights from {where} ({type(e).__name__}: {e}).\n"
             "Either connect to the internet once (torchvision caches the file under "
-            "~/.cache/torch/hub/checkpoints), or download vgg16-397923af.pth elsewhere and "
-            "pass its path (--pretrained PATH), or train from scratch with --no-pretrained "
-            "(pretrained=False).") from e
+            f"~/.cache/torch/hub/checkpoints), or download {weights.url.rsplit('/', 1)[-1]} "
+            "elsewhere and pass its path (--pretrained PATH), or train from scratch with "
+            "--no-pretrained (pretrained=False).") from e
 
 
 def decimate(tensor, steps):
@@ -193,36 +195,75 @@ def vgg16_to_ssd_base(vgg, base_state):
 
 
 class ResNet34Base(nn.Module):
-    """ResNet-34 base in the MLPerf SSD style: conv1 .. conv4_x (layer3) with layer3's stride
-    set to 1, so its output is 38x38 (256 channels), then one extra block down to 19x19."""
+    """ResNet-34 cut after conv4_x (layer3), as in MLPerf's SSD-ResNet34.
 
-    def __init__(self, pretrained=False):
+    torchvision's BasicBlocks, named as in torchvision's resnet34 so that its ImageNet state
+    dict loads by name. layer3 runs at stride 1 (torchvision: 2), so its output stays at 38x38
+    for a 300x300 input; a 1x1 and a 3x3 stride-2 convolution then give the 19x19 map.
+    width scales the channels as for VGG16 (the CPU presets); ImageNet weights need width 1.
+    frozen_bn: torchvision's FrozenBatchNorm2d (ImageNet statistics and affine parameters kept
+    fixed) instead of trained BatchNorm2d.
+    """
+
+    # (name, channels, blocks, stride); layer4 and the classifier are not used.
+    STAGES = [("layer1", 64, 3, 1), ("layer2", 128, 4, 2), ("layer3", 256, 6, 1)]
+
+    def __init__(self, width=1.0, frozen_bn=False):
         super().__init__()
-        weights = None
-        if pretrained:
-            weights = torchvision.models.ResNet34_Weights.IMAGENET1K_V1
-        try:
-            resnet = torchvision.models.resnet34(weights=weights)
-        except Exception as e:
-            raise RuntimeError(
-                f"Could not load ImageNet ResNet-34 weights ({type(e).__name__}: {e}). Connect "
-                "to the internet once (torchvision caches them) or use --no-pretrained.") from e
-        resnet.layer3[0].conv1.stride = (1, 1)
-        resnet.layer3[0].downsample[0].stride = (1, 1)
-        self.to_conv4 = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool,
-                                      resnet.layer1, resnet.layer2, resnet.layer3)
+        norm = FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d
+        c = scaled(64, width)
+        layers = OrderedDict(conv1=nn.Conv2d(3, c, 7, stride=2, padding=3, bias=False),
+                             bn1=norm(c), relu=nn.ReLU(inplace=True),
+                             maxpool=nn.MaxPool2d(3, stride=2, padding=1))
+        for name, channels, blocks, stride in self.STAGES:
+            out = scaled(channels, width)
+            downsample = None
+            if stride != 1 or c != out:
+                downsample = nn.Sequential(nn.Conv2d(c, out, 1, stride=stride, bias=False), norm(out))
+            stage = [BasicBlock(c, out, stride, downsample, norm_layer=norm)]
+            stage += [BasicBlock(out, out, norm_layer=norm) for _ in range(blocks - 1)]
+            layers[name] = nn.Sequential(*stage)
+            c = out
+        self.to_conv4 = nn.Sequential(layers)      # conv1 ... layer3 (conv4_x)
+        self.out_channels = (c, scaled(512, width))
         self.to_19 = nn.Sequential(
-            nn.Conv2d(256, 256, 1), nn.ReLU(inplace=True),
-            nn.Conv2d(256, 512, 3, stride=2, padding=1), nn.ReLU(inplace=True))
-        self.out_channels = (256, 512)
-        for m in self.to_19.modules():
+            nn.Conv2d(c, c, 1), nn.ReLU(inplace=True),
+            nn.Conv2d(c, self.out_channels[1], 3, stride=2, padding=1), nn.ReLU(inplace=True))
+        for m in self.to_conv4.modules():              # as torchvision's ResNet from scratch
             if isinstance(m, nn.Conv2d):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        init_xavier(self.to_19)
 
     def forward(self, x):
-        f38 = self.to_conv4(x)                 # N x 256 x 38 x 38
-        return f38, self.to_19(f38)            # and N x 512 x 19 x 19
+        conv4 = self.to_conv4(x)               # N x 256 x 38 x 38
+        return conv4, self.to_19(conv4)        # and N x 512 x 19 x 19
+
+    def load_pretrained(self, source=True):
+        """Copy ImageNet ResNet-34 weights (conv1 .. layer3) in; `source` as for VGGBase."""
+        resnet = load_imagenet_state_dict(torchvision.models.ResNet34_Weights.IMAGENET1K_V1, source)
+        self.load_state_dict(resnet34_to_ssd_base(resnet, self.state_dict()))
+
+
+def resnet34_to_ssd_base(resnet, base_state):
+    """Map a torchvision ResNet-34 state dict onto ResNet34Base's names (to_conv4.<its name>).
+
+    The layers after layer3 keep their values from base_state; so does BatchNorm2d's
+    num_batches_tracked where the file has none.
+    """
+    new = dict(base_state)
+    for key, value in base_state.items():
+        if not key.startswith("to_conv4."):
+            continue
+        theirs = key[len("to_conv4."):]
+        if theirs not in resnet:
+            if key.endswith("num_batches_tracked"):
+                continue
+            raise ValueError(f"the ResNet-34 weights have no {theirs}")
+        if resnet[theirs].shape != value.shape:
+            raise ValueError(f"{theirs} has shape {tuple(resnet[theirs].shape)}, {key} needs "
+                             f"{tuple(value.shape)} (pretrained weights need width 1)")
+        new[key] = resnet[theirs]
+    return new
 
 
 # ----------------------------------------------------------------------------------------
@@ -299,29 +340,38 @@ class PredictionConvolutions(nn.Module):
 class SSD300(nn.Module):
     """SSD300 with a VGG16 (the paper's) or ResNet-34 base.
 
-    n_classes counts the background as class 0. width scales every channel count of the
-    VGG16 network (1.0 is the paper's; the CPU presets use less). pretrained: False, True
-    (torchvision's ImageNet weights) or the path of a torchvision VGG16 state dict.
+    n_classes counts the background as class 0. width scales every channel count (1.0 is the
+    paper's; the CPU presets use less). pretrained: False, True (torchvision's ImageNet
+    weights) or the path of a saved torchvision VGG16 / ResNet-34 state dict.
+    base_bn (ResNet-34 only): "frozen" keeps the base's batch-norm statistics and affine
+    parameters fixed, "train" learns them; None picks "frozen" for ImageNet weights (their
+    statistics are good, and batch 32 split over GPUs gives too few images per GPU for
+    reliable batch statistics, as in torchvision's detection models) and "train" from
+    scratch (frozen initial statistics would normalise nothing).
     """
 
-    def __init__(self, n_classes, backbone="vgg16", pretrained=False, width=1.0):
+    def __init__(self, n_classes, backbone="vgg16", pretrained=False, width=1.0, base_bn=None):
         super().__init__()
-        self.config = dict(n_classes=n_classes, backbone=backbone, width=width)
+        if pretrained and width != 1.0:
+            raise ValueError("pretrained ImageNet weights need width=1.0")
         if backbone == "vgg16":
+            if base_bn is not None:
+                raise ValueError("base_bn applies to the ResNet-34 base only: VGG16 has no batch norm")
             self.base = VGGBase(width)
-            if pretrained:
-                if width != 1.0:
-                    raise ValueError("pretrained VGG16 weights need width=1.0")
-                self.base.load_pretrained(pretrained)
             # Only conv4_3 is rescaled: its features are larger than the deeper maps'.
             self.l2_norm = L2Norm(self.base.out_channels[0])
         elif backbone == "resnet34":
-            if width != 1.0:
-                raise ValueError("the ResNet-34 base has no width multiplier")
-            self.base = ResNet34Base(pretrained=bool(pretrained))
+            base_bn = base_bn or ("frozen" if pretrained else "train")
+            if base_bn not in ("frozen", "train"):
+                raise ValueError(f"unknown base_bn {base_bn!r}: use 'frozen' or 'train'")
+            self.base = ResNet34Base(width, frozen_bn=base_bn == "frozen")
+            # No L2Norm: batch norm already keeps conv4_x on the scale of the deeper maps (MLPerf).
             self.l2_norm = nn.Identity()
         else:
             raise ValueError(f"unknown backbone {backbone!r}: use 'vgg16' or 'resnet34'")
+        if pretrained:
+            self.base.load_pretrained(pretrained)
+        self.config = dict(n_classes=n_classes, backbone=backbone, width=width, base_bn=base_bn)
         self.aux_convs = AuxiliaryConvolutions(self.base.out_channels[1], width)
         self.pred_convs = PredictionConvolutions(
             list(self.base.out_channels) + self.aux_convs.out_channels, n_classes)
@@ -552,10 +602,11 @@ def load_checkpoint(path, device="cpu"):
     checkpoint = read_checkpoint(path)
     config = checkpoint["config"]
     try:
-        net = SSD300(config["n_classes"], config["backbone"], width=config["width"])
+        net = SSD300(config["n_classes"], config["backbone"], width=config["width"],
+                     base_bn=config.get("base_bn"))      # absent from checkpoints before it existed
         net.load_state_dict(checkpoint["model"])
     except (KeyError, RuntimeError, ValueError) as e:
-        raise ValueError(f"{path} does not match the SSD300 it describes "
-                         f"(config {dict((k, config.get(k)) for k in ('n_classes', 'backbone', 'width'))}): "
+        described = {k: config.get(k) for k in ("n_classes", "backbone", "width", "base_bn")}
+        raise ValueError(f"{path} does not match the SSD300 it describes (config {described}): "
                          f"{e}") from e
     return net.to(device).eval(), checkpoint

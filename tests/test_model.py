@@ -51,11 +51,90 @@ def test_vgg_base_feature_map_sizes():
     assert [f.shape[-1] for f in aux(conv7)] == [10, 5, 3, 1]
 
 
-def test_resnet34_base_shapes():
-    net = SSD300(n_classes=4, backbone="resnet34").eval()
+@pytest.mark.parametrize("width", [1.0, 0.125])
+def test_resnet34_base_shapes(width):
+    net = SSD300(n_classes=4, backbone="resnet34", width=width).eval()
+    x = torch.randn(1, 3, 300, 300)
     with torch.no_grad():
-        locs, scores = net(torch.randn(1, 3, 300, 300))
+        locs, scores = net(x)
+        f38, f19 = net.base(x)
+        maps = [f38, f19] + net.aux_convs(f19)
     assert locs.shape == (1, 8732, 4) and scores.shape == (1, 8732, 4)
+    assert net.priors_cxcy.shape == (8732, 4)
+    assert [f.shape[-1] for f in maps] == [f for _, f, _ in model.FEATURE_MAPS]
+    assert [f.size(1) for f in maps] == [conv.in_channels for conv in net.pred_convs.loc]
+    assert net.base.to_conv4.layer3[0].conv1.stride == (1, 1)       # torchvision's is 2
+    assert net.base.to_conv4.layer2[0].conv1.stride == (2, 2)
+
+
+def test_resnet34_base_is_torchvisions_resnet34_through_layer3():
+    ours = {k.removeprefix("to_conv4."): v.shape for k, v in model.ResNet34Base().state_dict().items()
+            if k.startswith("to_conv4.")}
+    theirs = {k: v.shape for k, v in torchvision.models.resnet34().state_dict().items()
+              if not k.startswith(("layer4.", "fc."))}
+    assert ours == theirs
+
+
+def random_resnet34_state_dict():
+    torch.manual_seed(0)
+    state = torchvision.models.resnet34().state_dict()
+    return {k: (v.clone() if k.endswith("num_batches_tracked") else
+                0.5 + torch.rand_like(v) if k.endswith("running_var") else
+                0.1 * torch.randn_like(v)) for k, v in state.items()}
+
+
+def test_resnet34_pretrained_from_local_file_loads_into_the_right_modules(tmp_path):
+    resnet = random_resnet34_state_dict()
+    path = tmp_path / "resnet34.pth"
+    torch.save(resnet, path)
+    net = SSD300(n_classes=3, backbone="resnet34", pretrained=str(path)).eval()
+    assert net.config["base_bn"] == "frozen"        # the default with ImageNet weights
+    base = net.base.to_conv4
+    assert torch.equal(base.conv1.weight, resnet["conv1.weight"])
+    assert torch.equal(base.layer2[0].downsample[1].running_var, resnet["layer2.0.downsample.1.running_var"])
+    assert torch.equal(base.layer3[5].conv2.weight, resnet["layer3.5.conv2.weight"])
+    assert torch.equal(base.layer3[5].bn2.bias, resnet["layer3.5.bn2.bias"])
+    # The same function as torchvision's ResNet-34 with these weights and layer3 at stride 1.
+    tv = torchvision.models.resnet34()
+    tv.load_state_dict(resnet)
+    tv.layer3[0].conv1.stride = tv.layer3[0].downsample[0].stride = (1, 1)
+    tv.eval()
+    x = torch.randn(2, 3, 300, 300)
+    with torch.no_grad():
+        expected = tv.layer3(tv.layer2(tv.layer1(tv.maxpool(tv.relu(tv.bn1(tv.conv1(x)))))))
+        got = base(x)
+    assert got.shape == (2, 256, 38, 38)
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+def test_resnet34_pretrained_needs_width_one_and_says_what_to_do(tmp_path):
+    path = tmp_path / "resnet34.pth"
+    torch.save(random_resnet34_state_dict(), path)
+    with pytest.raises(ValueError, match="width=1.0"):
+        SSD300(n_classes=3, backbone="resnet34", pretrained=str(path), width=0.5)
+    with pytest.raises(RuntimeError, match="resnet34-.*--no-pretrained"):
+        SSD300(n_classes=3, backbone="resnet34", pretrained=str(tmp_path / "missing.pth"))
+    torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, path)
+    with pytest.raises(ValueError, match="no bn1.weight"):
+        SSD300(n_classes=3, backbone="resnet34", pretrained=str(path))
+
+
+def test_frozen_batch_norm_stays_fixed_and_trained_batch_norm_learns():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 300, 300)
+    for base_bn in ("frozen", "train"):
+        net = SSD300(n_classes=3, backbone="resnet34", width=0.125, base_bn=base_bn).train()
+        bn = net.base.to_conv4.layer1[0].bn1
+        before = bn.running_mean.clone()
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+        net(x)[1].square().mean().backward()
+        optimizer.step()
+        frozen = base_bn == "frozen"
+        assert isinstance(bn, torchvision.ops.FrozenBatchNorm2d) == frozen
+        assert torch.equal(bn.running_mean, before) == frozen
+        assert any(p is bn.weight for p in net.parameters()) != frozen
+    with pytest.raises(ValueError, match="VGG16 has no batch norm"):
+        SSD300(n_classes=3, base_bn="frozen")
 
 
 def test_l2norm_is_float32_under_autocast():
