@@ -41,7 +41,7 @@ PRESETS = {
                 channels_last=True, workers=1, print_every=25, save_every=200, eval_every=200),
 }
 # Settings that define the network: a resumed run must keep them.
-ARCHITECTURE = ("backbone", "width", "n_classes")
+ARCHITECTURE = ("backbone", "width", "n_classes", "base_bn")
 LOG_FIELDS = ["iteration", "loss", "loc_loss", "conf_loss", "lr", "images_per_s", "elapsed_s", "mAP"]
 
 
@@ -63,6 +63,9 @@ def build_parser(suppress_defaults=False):
     net.add_argument("--no-pretrained", dest="pretrained", action="store_false",
                      default=argparse.SUPPRESS, help="train the base from scratch")
     net.add_argument("--width", type=float, default=d(1.0), help="channel multiplier (1 = paper)")
+    net.add_argument("--base-bn", choices=["frozen", "train"], default=d(None),
+                     help="ResNet-34's batch norm: frozen ImageNet statistics or trained "
+                          "(default: frozen with pretrained weights, trained from scratch)")
     net.add_argument("--loc-loss", choices=["l1", "smooth_l1"], default=d("l1"),
                      help="localisation loss: L1 (original code) or smooth L1 (paper's text)")
     opt = p.add_argument_group("optimisation")
@@ -385,8 +388,13 @@ class Trainer:
 
     def _build_model(self, resume_state):
         config = self.config
+        if config.get("base_bn") == "frozen" and not config["pretrained"]:
+            raise ValueError("--base-bn frozen needs pretrained weights: batch norm frozen at "
+                             "its initial statistics would normalise nothing (use --base-bn train)")
         self.net = SSD300(config["n_classes"], config["backbone"], width=config["width"],
-                          pretrained=config["pretrained"] if resume_state is None else False)
+                          pretrained=config["pretrained"] if resume_state is None else False,
+                          base_bn=config.get("base_bn"))   # absent from older checkpoints
+        config["base_bn"] = self.net.config["base_bn"]        # the choice made, for --resume
         self.net.to(self.device, memory_format=self.memory_format)
         self.criterion = MultiBoxLoss(self.net.priors_cxcy, loc_loss=config["loc_loss"])
         self.optimizer = make_optimizer(self.net, config)

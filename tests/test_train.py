@@ -9,11 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import torchvision
 
+import detect
 import eval as evaluation
 import model
 import train
-from datasets import PascalVOCDataset
+from datasets import PascalVOCDataset, collate_fn
 
 ROOT = Path(__file__).resolve().parents[1]
 # A tiny SSD300 (1/16 of the channels) and a short schedule: seconds per run on two cores.
@@ -85,6 +87,58 @@ def test_training_lowers_loss_and_raises_map(shapes_lists, tmp_path):
     assert after["mAP_07"] > before["mAP_07"] + 0.15, (before["mAP_07"], after["mAP_07"])
     # Logged during training (in the run's bf16 autocast), measured here in float32.
     assert history[-1]["mAP"] == pytest.approx(after["mAP_07"], abs=0.03)
+
+
+def test_resnet34_training_step_lowers_the_loss_on_a_fixed_batch(shapes_lists):
+    torch.manual_seed(0)
+    data = PascalVOCDataset(shapes_lists, "test")
+    images, boxes, labels, _ = collate_fn([data[i] for i in range(4)])
+    net = model.SSD300(len(data.label_map), backbone="resnet34",
+                       width=train.PRESETS["toy"]["width"]).train()
+    criterion = model.MultiBoxLoss(net.priors_cxcy)
+    optimizer = train.make_optimizer(net, dict(optimizer="adamw", lr=1e-3, weight_decay=5e-4))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    losses = []
+    for _ in range(6):
+        loss = train.forward_loss(net, criterion, images, boxes, labels, None)[0]
+        losses.append(loss.item())
+        train.backward_step(loss, optimizer, scaler)
+    assert losses[1] < losses[0], losses                      # one step already helps
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_resnet34_run_evaluates_and_detects_without_naming_the_base(shapes_lists, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train.main(run_args(shapes_lists, run, "--backbone", "resnet34", "--iterations", "2")) == 0
+    config = torch.load(run / "checkpoint.pt", weights_only=True)["config"]
+    assert (config["backbone"], config["base_bn"]) == ("resnet34", "train")   # from scratch
+    assert evaluation.main([str(run / "checkpoint.pt"), "--workers", "0", "--out", str(tmp_path / "eval")]) == 0
+    assert set(json.loads((tmp_path / "eval" / "results.json").read_text())["aps_07"]) == \
+        {"circle", "square", "triangle"}
+    test_image = PascalVOCDataset(shapes_lists, "test").images[0]
+    assert detect.main([str(run / "checkpoint.pt"), test_image, "--out", str(tmp_path / "det"),
+                        "--min-score", "0"]) == 0
+    assert json.loads((tmp_path / "det" / "detections.json").read_text())[test_image]
+    # The batch-norm choice is part of the architecture: a resume cannot change it.
+    capsys.readouterr()
+    assert train.main(["--resume", "--out", str(run), "--base-bn", "frozen"]) == 2
+    assert "base_bn='train'" in capsys.readouterr().err
+
+
+def test_resnet34_from_imagenet_weights_freezes_batch_norm(shapes_lists, tmp_path, capsys):
+    path = tmp_path / "resnet34.pth"
+    torch.save(torchvision.models.resnet34().state_dict(), path)
+    run = tmp_path / "run"
+    assert train.main(run_args(shapes_lists, run, "--backbone", "resnet34", "--pretrained", str(path),
+                               "--width", "1", "--batch-size", "2", "--iterations", "1")) == 0
+    net, checkpoint = model.load_checkpoint(run / "checkpoint.pt")
+    assert checkpoint["config"]["base_bn"] == "frozen"
+    assert isinstance(net.base.to_conv4.layer3[0].bn1, torchvision.ops.FrozenBatchNorm2d)
+    # Frozen statistics without ImageNet weights would normalise nothing; VGG16 has no batch norm.
+    for extra in (["--backbone", "resnet34", "--base-bn", "frozen"], ["--base-bn", "train"]):
+        assert train.main(run_args(shapes_lists, tmp_path / "bad", "--iterations", "1", *extra)) == 2
+        assert "batch norm" in capsys.readouterr().err
 
 
 def start(argv, **kwargs):
