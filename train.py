@@ -553,11 +553,15 @@ def make_evaluator(config, device, dtype, memory_format):
 
 
 def check_ranks_agree(net, device, world, main_process):
-    """After DDP training every rank must hold the same weights; say so, or fail loudly."""
+    """After DDP training every rank must hold the same weights; say so, or fail loudly.
+
+    Only parameters: trained batch norm's running statistics are buffers that each rank
+    updates from its own images (DDP copies rank 0's at every forward; rank 0's are saved).
+    """
     if world == 1:
         return
     fingerprint = torch.stack([torch.stack([p.double().sum(), p.double().pow(2).sum()])
-                               for p in net.state_dict().values() if p.is_floating_point()])
+                               for p in net.parameters()])
     gathered = [torch.empty_like(fingerprint) for _ in range(world)]
     dist.all_gather(gathered, fingerprint)
     if not all(torch.equal(g, gathered[0]) for g in gathered):

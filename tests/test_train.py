@@ -195,11 +195,12 @@ def test_resume_refuses_another_model_or_foreign_files(shapes_lists, tmp_path, c
     assert "--overwrite" in capsys.readouterr().err
 
 
-def test_torchrun_two_processes_keep_identical_weights(shapes_lists, tmp_path):
+@pytest.mark.parametrize("backbone", ["vgg16", "resnet34"])     # ResNet-34: trained batch norm
+def test_torchrun_two_processes_keep_identical_weights(shapes_lists, tmp_path, backbone):
     out = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = start(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                  "train.py"] + run_args(shapes_lists, out, "--iterations", "4", "--device", "cpu"),
+    proc = start(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]
+                 + run_args(shapes_lists, out, "--iterations", "4", "--device", "cpu", "--backbone", backbone),
                  env=env)
     output = proc.communicate(timeout=300)[0]
     assert proc.returncode == 0, output
