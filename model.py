@@ -138,24 +138,30 @@ class VGGBase(nn.Module):
         source: True for torchvision's IMAGENET1K_V1 weights (downloaded and cached by
         torchvision on first use), or the path of a saved torchvision VGG16 state dict.
         """
-        vgg = load_imagenet_state_dict(torchvision.models.VGG16_Weights.IMAGENET1K_V1, source)
-        self.load_state_dict(vgg16_to_ssd_base(vgg, self.state_dict()))
+        load_imagenet_weights(self, torchvision.models.VGG16_Weights.IMAGENET1K_V1, source,
+                              vgg16_to_ssd_base)
 
 
-def load_imagenet_state_dict(weights, source):
-    """An ImageNet state dict: torchvision's `weights` (source True) or a local file (source a path)."""
+def load_imagenet_weights(base, weights, source, convert):
+    """Copy ImageNet weights into `base`: torchvision's `weights` (source True, downloaded and
+    cached by torchvision on first use) or a saved state dict (source a path), mapped onto
+    the base's names by convert(their state dict, base's state dict)."""
+    local = isinstance(source, (str, os.PathLike))
+    where = source if local else weights.url
     try:
-        if isinstance(source, (str, os.PathLike)):
-            return torch.load(source, map_location="cpu", weights_only=True)
-        return weights.get_state_dict(progress=True, check_hash=True)
+        state = (torch.load(source, map_location="cpu", weights_only=True) if local
+                 else weights.get_state_dict(progress=True, check_hash=True))
     except Exception as e:
-        where = source if isinstance(source, (str, os.PathLike)) else "torchvision's download server"
-        raise RuntimeError(
+        raise OSError(
             f"Could not load ImageNet weights from {where} ({type(e).__name__}: {e}).\n"
             "Either connect to the internet once (torchvision caches the file under "
             f"~/.cache/torch/hub/checkpoints), or download {weights.url.rsplit('/', 1)[-1]} "
             "elsewhere and pass its path (--pretrained PATH), or train from scratch with "
             "--no-pretrained (pretrained=False).") from e
+    try:
+        base.load_state_dict(convert(state, base.state_dict()))
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"{where} does not hold the weights this base needs: {e}") from e
 
 
 def decimate(tensor, steps):
@@ -240,8 +246,8 @@ class ResNet34Base(nn.Module):
 
     def load_pretrained(self, source=True):
         """Copy ImageNet ResNet-34 weights (conv1 .. layer3) in; `source` as for VGGBase."""
-        resnet = load_imagenet_state_dict(torchvision.models.ResNet34_Weights.IMAGENET1K_V1, source)
-        self.load_state_dict(resnet34_to_ssd_base(resnet, self.state_dict()))
+        load_imagenet_weights(self, torchvision.models.ResNet34_Weights.IMAGENET1K_V1, source,
+                              resnet34_to_ssd_base)
 
 
 def resnet34_to_ssd_base(resnet, base_state):

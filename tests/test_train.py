@@ -135,6 +135,10 @@ def test_resnet34_from_imagenet_weights_freezes_batch_norm(shapes_lists, tmp_pat
     net, checkpoint = model.load_checkpoint(run / "checkpoint.pt")
     assert checkpoint["config"]["base_bn"] == "frozen"
     assert isinstance(net.base.to_conv4.layer3[0].bn1, torchvision.ops.FrozenBatchNorm2d)
+    # Weights that cannot be had: a one-line error, no traceback.
+    assert train.main(run_args(shapes_lists, tmp_path / "bad", "--backbone", "resnet34", "--width", "1",
+                               "--pretrained", str(tmp_path / "missing.pth"))) == 1
+    assert "missing.pth" in capsys.readouterr().err
     # Frozen statistics without ImageNet weights would normalise nothing; VGG16 has no batch norm.
     for extra in (["--backbone", "resnet34", "--base-bn", "frozen"], ["--base-bn", "train"]):
         assert train.main(run_args(shapes_lists, tmp_path / "bad", "--iterations", "1", *extra)) == 2
