@@ -5,18 +5,20 @@
     python benchmark.py train eval --device cuda
 
 Sections:
-  model       forward ms/image at batch 1 and 8 (fp32; bf16 autocast + channels_last), against
-              the bf16 compute floor (the model's FLOPs over this machine's bf16 matmul rate)
+  model       for each base (VGG16, ResNet-34): parameters, FLOPs, and forward ms/image at
+              batch 1 and 8 (fp32; bf16 autocast + channels_last), against the bf16 compute
+              floor (the model's FLOPs over this machine's bf16 matmul rate)
   loss        MultiBoxLoss forward + backward at batch 8 and 32
   detect      detect_objects ms/image at batch 8 (min score 0.01, NMS 0.45, top 200), for random
               scores and for scores shaped like a trained model's
   transforms  training transform images/s in one process (JPEG decode included, 500x375), and
               DataLoader images/s with 2 workers
   map         calculate_mAP at VOC2007-test size (4952 images, ~15k objects, 200 dets/image)
-  train       training images/s at batch 8: SSD300-VGG16 and the toy preset, fp32 and
-              bf16 + channels_last (CPU) or without and with AMP (CUDA)
-  eval        evaluation images/s of eval.predict (data loading, network and decoding), on
-              untrained weights (more boxes reach NMS than with a trained model)
+  train       training images/s at batch 8: both bases at full width and at the toy preset's,
+              fp32 and bf16 + channels_last (CPU) or without and with AMP (CUDA)
+  eval        evaluation images/s of eval.predict (data loading, network and decoding), both
+              bases at full and toy width, on untrained weights (more boxes reach NMS than
+              with a trained model)
 Prints a Markdown table; figures in the README came from this script.
 """
 import argparse
@@ -83,28 +85,36 @@ def bf16_matmul_rate(device):
     return 2 * n ** 3 / timed(lambda: a @ b, device, repeats=10)
 
 
+# The networks compared: (name, backbone, width).
+BASES = [("SSD300-VGG16", "vgg16", 1.0), ("SSD300-ResNet34", "resnet34", 1.0)]
+TOY = [(f"toy preset, {name.split('-')[1]}", backbone, train.PRESETS["toy"]["width"])
+       for name, backbone, _ in BASES]
+
+
 def section_model(device, args):
-    net = model.SSD300(21).to(device).eval()
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        net(torch.randn(1, 3, 300, 300, device=device))
-    flops = counter.get_total_flops()
-    report("model", "SSD300-VGG16 forward FLOPs", flops / 1e9, "GFLOP/image",
-           f"{sum(p.numel() for p in net.parameters()):,} parameters (21 classes)")
     rate = bf16_matmul_rate(device)
     report("model", "bf16 matmul rate", rate / 1e9, "GFLOP/s", "the compute ceiling")
-    floor_ms = flops / rate * 1e3
-    report("model", "bf16 compute floor", floor_ms, "ms/image")
-    net_cl = model.SSD300(21).to(device, memory_format=torch.channels_last).eval()
-    for batch in (1, 8):
-        x = torch.randn(batch, 3, 300, 300, device=device)
-        with torch.no_grad():
-            t = timed(lambda: net(x), device, repeats=3)
-        report("model", f"forward fp32, batch {batch}", t / batch * 1e3, "ms/image")
-        x_cl = x.to(memory_format=torch.channels_last)
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
-            t = timed(lambda: net_cl(x_cl), device, repeats=3)
-        report("model", f"forward bf16 + channels_last, batch {batch}", t / batch * 1e3,
-               "ms/image", f"{t / batch * 1e3 / floor_ms:.2f} x the floor")
+    for name, backbone, width in BASES:
+        net = model.SSD300(21, backbone, width=width).to(device).eval()
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            net(torch.randn(1, 3, 300, 300, device=device))
+        flops = counter.get_total_flops()
+        report("model", f"{name} forward FLOPs", flops / 1e9, "GFLOP/image",
+               f"{sum(p.numel() for p in net.parameters()):,} parameters (21 classes)")
+        floor_ms = flops / rate * 1e3
+        report("model", f"{name} bf16 compute floor", floor_ms, "ms/image")
+        net_cl = model.SSD300(21, backbone, width=width).to(device, memory_format=torch.channels_last).eval()
+        for batch in (1, 8):
+            x = torch.randn(batch, 3, 300, 300, device=device)
+            with torch.no_grad():
+                t = timed(lambda: net(x), device, repeats=3)
+            report("model", f"{name} forward fp32, batch {batch}", t / batch * 1e3, "ms/image",
+                   f"{batch / t:.1f} images/s")
+            x_cl = x.to(memory_format=torch.channels_last)
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+                t = timed(lambda: net_cl(x_cl), device, repeats=3)
+            report("model", f"{name} forward bf16 + channels_last, batch {batch}", t / batch * 1e3,
+                   "ms/image", f"{batch / t:.1f} images/s, {t / batch * 1e3 / floor_ms:.2f} x the floor")
 
 
 def section_loss(device, args):
@@ -243,7 +253,7 @@ def section_train(device, args):
     """Whole training steps (forward, loss, backward, SGD) on synthetic batches: no data loading."""
     g = torch.Generator().manual_seed(0)
     on_cuda = device.type == "cuda"
-    variants = [("SSD300-VGG16", 1.0), ("toy preset", train.PRESETS["toy"]["width"])]
+
     modes = [("fp32, no AMP", None), ("bf16 AMP", torch.bfloat16)] if on_cuda else \
         [("fp32", None), ("bf16 autocast", torch.bfloat16)]
     for batch in ((8, 32) if on_cuda else (8,)):
@@ -251,11 +261,11 @@ def section_train(device, args):
         boxes, labels = random_targets(batch, 21, g)
         boxes = [b.to(device) for b in boxes]
         labels = [lab.to(device) for lab in labels]
-        for name, width in variants:
+        for name, backbone, width in BASES + TOY:
             for mode, dtype in modes:
                 # channels_last goes with bf16 on the CPU, and always on CUDA (cuDNN's NHWC kernels).
                 fmt = torch.channels_last if on_cuda or dtype else torch.contiguous_format
-                net = model.SSD300(21, width=width).to(device, memory_format=fmt).train()
+                net = model.SSD300(21, backbone, width=width).to(device, memory_format=fmt).train()
                 criterion = model.MultiBoxLoss(net.priors_cxcy)
                 optimizer = train.make_optimizer(net, dict(weight_decay=5e-4, lr=1e-3, momentum=0.9))
                 x = images.to(device, memory_format=fmt)
@@ -277,8 +287,8 @@ def section_eval(device, args):
         dataset = datasets.PascalVOCDataset(shapes_lists(root, 8, n_test), "test")
         on_cuda = device.type == "cuda"
         fmt = torch.channels_last if on_cuda else torch.contiguous_format
-        for name, width in (("SSD300-VGG16", 1.0), ("toy preset", train.PRESETS["toy"]["width"])):
-            net = model.SSD300(len(dataset.label_map), width=width).to(device, memory_format=fmt)
+        for name, backbone, width in BASES + TOY:
+            net = model.SSD300(len(dataset.label_map), backbone, width=width).to(device, memory_format=fmt)
             for mode, dtype in ((("fp32", None),) + ((("bf16 AMP", torch.bfloat16),) if on_cuda else ())):
                 def run():
                     predict(net, dataset, device, batch_size=32, workers=args.workers, amp_dtype=dtype,

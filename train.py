@@ -4,6 +4,7 @@ The defaults are the paper's VOC07+12 recipe (SGD, lr 1e-3, momentum 0.9, weight
 biases at twice the learning rate, batch 32, 120k iterations, lr x0.1 at 80k and 100k):
 
     python train.py --data-folder data/voc_lists --out checkpoints/ssd300_voc
+    python train.py --backbone resnet34 --data-folder data/voc_lists --out checkpoints/ssd300_r34_voc
     torchrun --nproc_per_node=4 train.py --data-folder data/voc_lists --out checkpoints/ssd300_voc
     python train.py --resume --out checkpoints/ssd300_voc         # continue the latest checkpoint
     python train.py --preset toy --data-folder data/shapes_lists --out checkpoints/toy   # CPU
@@ -34,8 +35,9 @@ from utils import HelpFormatter, atomic_torch_save, atomic_write, pick_device, s
 PRESETS = {
     # The same SSD300 at 1/8 of the channels, trained from scratch: AdamW (SGD at this width,
     # from random weights, diverges or stalls), bf16 autocast and channels_last on the CPU
-    # (about 2x fp32 where the CPU has bf16 instructions). Reaches VOC07 mAP ~0.8 on the
-    # built-in shapes dataset in about four minutes on two cores.
+    # (about 2x fp32 where the CPU has bf16 instructions). Reaches VOC07 mAP 0.92 on the
+    # built-in shapes dataset in about four minutes on two cores; with --backbone resnet34,
+    # 0.55 at half the compute, or 0.95 with --width 0.25 as well (README).
     "toy": dict(width=0.125, pretrained=False, optimizer="adamw", batch_size=16, lr=1e-3,
                 iterations=800, lr_steps=[600, 750], warmup=50, amp="bf16",
                 channels_last=True, workers=1, print_every=25, save_every=200, eval_every=200),
