@@ -122,10 +122,7 @@ class VGGBase(nn.Module):
         layers["conv7"] = nn.Conv2d(self.out_channels[1], self.out_channels[1], 1)
         layers["relu7"] = nn.ReLU(inplace=True)
         self.to_conv7 = nn.Sequential(layers)              # pool4 ... relu7
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):                   # as torchvision's VGG from scratch
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(m.bias)
+        init_convs(self, kaiming=True)                     # as torchvision's VGG from scratch
 
     def forward(self, x):
         conv4_3 = self.to_conv4_3(x)          # N x 512 x 38 x 38
@@ -235,10 +232,8 @@ class ResNet34Base(nn.Module):
         self.to_19 = nn.Sequential(
             nn.Conv2d(c, c, 1), nn.ReLU(inplace=True),
             nn.Conv2d(c, self.out_channels[1], 3, stride=2, padding=1), nn.ReLU(inplace=True))
-        for m in self.to_conv4.modules():              # as torchvision's ResNet from scratch
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        init_xavier(self.to_19)
+        init_convs(self.to_conv4, kaiming=True)        # as torchvision's ResNet from scratch
+        init_convs(self.to_19)
 
     def forward(self, x):
         conv4 = self.to_conv4(x)               # N x 256 x 38 x 38
@@ -293,7 +288,7 @@ class AuxiliaryConvolutions(nn.Module):
             self.out_channels.append(out)
             c = out
         self.convs = nn.ModuleDict(layers)
-        init_xavier(self)
+        init_convs(self)
 
     def forward(self, conv7):
         features, x = [], conv7
@@ -304,11 +299,17 @@ class AuxiliaryConvolutions(nn.Module):
         return features       # conv8_2 (10x10), conv9_2 (5x5), conv10_2 (3x3), conv11_2 (1x1)
 
 
-def init_xavier(module):
+def init_convs(module, kaiming=False):
+    """Initialise every convolution of `module` from scratch, biases at 0: Xavier uniform
+    (the released SSD's new layers) or He normal over fan-out (torchvision's VGG and ResNet)."""
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
-            nn.init.xavier_uniform_(m.weight)
-            nn.init.zeros_(m.bias)
+            if kaiming:
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            else:
+                nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
 
 
 def flatten_predictions(x, per_box):
@@ -331,7 +332,7 @@ class PredictionConvolutions(nn.Module):
                                  for c, b in zip(in_channels, boxes))
         self.cl = nn.ModuleList(nn.Conv2d(c, b * n_classes, 3, padding=1)
                                 for c, b in zip(in_channels, boxes))
-        init_xavier(self)
+        init_convs(self)
 
     def forward(self, features):
         locs = [flatten_predictions(conv(f), 4) for conv, f in zip(self.loc, features)]
