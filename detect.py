@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from datasets import DataError, load_image, to_model_input, to_rgb
 from model import load_checkpoint
-from utils import pick_device
+from utils import atomic_write, pick_device
 
 # Box colours by class index (1 -> first entry, cycling after 20): saturated, mutually distinct.
 PALETTE = [
@@ -146,7 +146,7 @@ def write_json(results, path):
     """Write {image path: detections} with one line per detection."""
     entries = [f" {json.dumps(image)}: [" + ",".join(f"\n  {json.dumps(d)}" for d in detections) + "\n ]"
                for image, detections in results.items()]
-    with open(path, "w") as f:
+    with atomic_write(path) as f:
         f.write("{\n" + ",\n".join(entries) + "\n}\n")
 
 
@@ -243,6 +243,19 @@ def main(argv=None):
         net = net.to(memory_format=torch.channels_last)
     names = class_names(checkpoint["config"]["label_map"])
     args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        results = detect_and_draw(net, paths, names, args)
+        write_json(results, args.out / "detections.json")
+    except OSError as error:                            # e.g. a full disk
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"{len(results)} of {len(paths)} images processed; annotated images and detections.json "
+          f"in {args.out}", file=sys.stderr)
+    return 0 if results else 1
+
+
+def detect_and_draw(net, paths, names, args):
+    """Detect in `paths` batch by batch and save each annotated image: {path: detections}."""
     out_names = output_names(paths)
     results = {}
     with tqdm(total=len(paths), unit="image", file=sys.stderr) as bar:
@@ -258,13 +271,11 @@ def main(argv=None):
             detections = detect_batch(net, images, args.min_score, args.max_overlap, args.top_k,
                                       args.amp)
             for (path, image), (boxes, labels, scores) in zip(batch, detections):
-                draw_detections(image, boxes, labels, scores, names).save(args.out / out_names[path])
+                with atomic_write(args.out / out_names[path], "wb") as f:
+                    draw_detections(image, boxes, labels, scores, names).save(f, format="PNG")
                 results[str(path)] = detections_to_json(boxes, labels, scores, names)
                 bar.update()
-    write_json(results, args.out / "detections.json")
-    print(f"{len(results)} of {len(paths)} images processed; annotated images and detections.json "
-          f"in {args.out}", file=sys.stderr)
-    return 0 if results else 1
+    return results
 
 
 if __name__ == "__main__":

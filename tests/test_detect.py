@@ -225,6 +225,23 @@ def test_cli_fails_when_nothing_can_be_processed(tmp_path, checkpoint, capsys):
     assert "no.pt does not exist" in capsys.readouterr().err
 
 
+def test_a_full_disk_keeps_earlier_results(tmp_path, checkpoint, stubbed_cli, monkeypatch, capsys):
+    gradient_image(64, 48).save(tmp_path / "img.png")
+    out = tmp_path / "out"
+    assert stubbed_cli([str(checkpoint), str(tmp_path / "img.png"), "--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr("os.fsync", full_disk)
+    assert stubbed_cli([str(checkpoint), str(tmp_path / "img.png"), "--out", str(out),
+                        "--min-score", "0.5"]) == 1
+    err = capsys.readouterr().err
+    assert "could not save" in err and "img.png" in err and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before     # no partial or temporary file
+
+
 def test_cli_rejects_bad_options(checkpoint, capsys):
     with pytest.raises(SystemExit) as exit_info:
         detect.main([str(checkpoint), "x.jpg", "--min-score", "1.5"])
