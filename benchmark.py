@@ -319,6 +319,10 @@ def main(argv=None):
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, {device}" +
           (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else f", {args.threads} threads"))
+    if device.type == "cpu":
+        print(f"CPU: {torch.backends.cpu.get_cpu_capability()} kernels, native bf16 (AVX-512 bf16 "
+              f"or AMX): {'yes' if utils.cpu_has_native(torch.bfloat16) else 'no'}")
+    print(f"--amp auto chooses: {utils.describe_precision(*utils.choose_precision('auto', device))}")
     print("| section | what | value | unit | note |\n|---|---|---|---|---|")
     for name in args.sections or SECTIONS:
         SECTIONS[name](device, args)

@@ -2,6 +2,7 @@
 
     python detect.py CHECKPOINT INPUTS... [--out detections/] [--min-score 0.2]
                      [--max-overlap 0.5] [--top-k 200] [--device auto] [--batch-size 8]
+                     [--amp auto] [--channels-last]
 
 INPUTS are image files, folders (every file inside with an image extension Pillow knows,
 sorted by name, not recursive) or glob patterns (expanded here too, so quoted patterns such as
@@ -37,7 +38,8 @@ from tqdm import tqdm
 
 from datasets import DataError, load_image, to_model_input, to_rgb
 from model import load_checkpoint
-from utils import atomic_write, pick_device
+from utils import (add_precision_arguments, atomic_write, choose_precision, describe_precision,
+                   pick_device)
 
 # Box colours by class index (1 -> first entry, cycling after 20): saturated, mutually distinct.
 PALETTE = [
@@ -90,12 +92,12 @@ def output_names(paths):
 # ----------------------------------------------------------------------------------------
 
 @torch.inference_mode()
-def detect_batch(net, images, min_score=0.2, max_overlap=0.5, top_k=200, amp=None):
+def detect_batch(net, images, min_score=0.2, max_overlap=0.5, top_k=200, amp="auto"):
     """Detect objects in several PIL images with one forward pass of `net` (an SSD300 in eval mode).
 
-    Runs on the device of net's parameters, in bfloat16 autocast if `amp` (default: on CUDA),
-    with channels_last input if the net is in channels_last (main() converts it on CUDA, or
-    with --channels-last).
+    Runs on the device of net's parameters, in the autocast precision that `amp` ("auto",
+    "off", "bf16", "fp16") gives there (utils.choose_precision), with channels_last input if
+    the net is in channels_last (main() converts it, as utils.choose_precision decides).
     Returns, per image, (boxes k x 4 float32 pixels x1, y1, x2, y2 of that image,
     labels k int64 class indices (1..C-1, map them with class_names), scores k float32),
     all on the CPU, highest score first.
@@ -104,11 +106,11 @@ def detect_batch(net, images, min_score=0.2, max_overlap=0.5, top_k=200, amp=Non
         return []
     weight = next(net.parameters())
     device = weight.device
-    amp = device.type == "cuda" if amp is None else amp
+    dtype, _ = choose_precision(amp, device)
     x = torch.stack([to_model_input(to_rgb(image)) for image in images]).to(device)  # N x 3 x 300 x 300
     if weight.dim() == 4 and weight.is_contiguous(memory_format=torch.channels_last):
         x = x.contiguous(memory_format=torch.channels_last)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         locs, class_scores = net(x)                        # N x 8732 x 4, N x 8732 x C
     boxes, labels, scores = net.detect_objects(locs, class_scores, min_score, max_overlap, top_k)
     results = []
@@ -119,7 +121,7 @@ def detect_batch(net, images, min_score=0.2, max_overlap=0.5, top_k=200, amp=Non
     return results
 
 
-def detect(net, image, min_score=0.2, max_overlap=0.5, top_k=200, amp=None):
+def detect(net, image, min_score=0.2, max_overlap=0.5, top_k=200, amp="auto"):
     """Detections in one PIL image: (boxes k x 4 in its pixels, label indices k, scores k).
 
     Boxes refer to `image` as passed: use datasets.load_image(path, displayed=True) for a file's displayed (EXIF-rotated) frame.
@@ -211,10 +213,7 @@ def parse_args(argv):
     p.add_argument("--top-k", type=int, default=200, help="most detections per image (default: 200)")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:1, ...")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast (default: on CUDA; also fast on CPUs with AVX-512 bf16)")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="NHWC memory format (default: on CUDA; use with --amp on a CPU)")
+    add_precision_arguments(p)
     args = p.parse_args(argv)
     if not 0 <= args.min_score < 1:
         p.error("--min-score must be in [0, 1)")
@@ -238,9 +237,10 @@ def main(argv=None):
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    channels_last = next(net.parameters()).is_cuda if args.channels_last is None else args.channels_last
-    if channels_last:
-        net = net.to(memory_format=torch.channels_last)
+    dtype, memory_format = choose_precision(args.amp, next(net.parameters()).device,
+                                            args.channels_last)
+    print(f"precision: {describe_precision(dtype, memory_format)}", file=sys.stderr)
+    net = net.to(memory_format=memory_format)
     names = class_names(checkpoint["config"]["label_map"])
     args.out.mkdir(parents=True, exist_ok=True)
     try:

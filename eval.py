@@ -17,7 +17,8 @@ from tqdm import tqdm
 
 from datasets import DataError, PascalVOCDataset, collate_fn
 from model import load_checkpoint
-from utils import (HelpFormatter, atomic_write_json, mean_average_precision, pick_device,
+from utils import (HelpFormatter, add_precision_arguments, atomic_write_json, choose_precision,
+                   describe_precision, mean_average_precision, pick_device,
                    precision_recall_curves, save_figure)
 
 
@@ -105,10 +106,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("--workers", type=int, default=4, help="data loading processes")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cuda, cpu, ...")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast (default: on CUDA; also fast on CPUs with AVX-512 bf16)")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="NHWC memory format (default: on CUDA; use with --amp on a CPU)")
+    add_precision_arguments(p)
     p.add_argument("--min-score", type=float, default=0.01, help="class score threshold")
     p.add_argument("--max-overlap", type=float, default=0.45, help="NMS IoU threshold")
     p.add_argument("--top-k", type=int, default=200, help="detections kept per image")
@@ -131,14 +129,12 @@ def main(argv=None):
     except (DataError, FileNotFoundError, ValueError) as e:
         print(f"eval.py: error: {e}", file=sys.stderr)
         return 2
-    on_cuda = device.type == "cuda"
-    amp = on_cuda if args.amp is None else args.amp
-    channels_last = on_cuda if args.channels_last is None else args.channels_last
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    torch.backends.cudnn.benchmark = on_cuda
+    amp_dtype, memory_format = choose_precision(args.amp, device, args.channels_last)
+    precision = describe_precision(amp_dtype, memory_format)
+    print(f"precision: {precision} on {device}")
+    torch.backends.cudnn.benchmark = device.type == "cuda"
     result = evaluate(net.to(memory_format=memory_format), dataset, device, args.batch_size,
-                      args.workers, amp_dtype=torch.bfloat16 if amp else None,
-                      memory_format=memory_format,
+                      args.workers, amp_dtype=amp_dtype, memory_format=memory_format,
                       min_score=args.min_score, max_overlap=args.max_overlap, top_k=args.top_k)
     print_table(result)
     print(f"{len(dataset)} images at {result['images_per_s']:.1f} images/s on {device}")
@@ -147,7 +143,7 @@ def main(argv=None):
     summary = {k: v for k, v in result.items() if k != "curves"}
     summary.update(checkpoint=str(args.checkpoint), data_folder=str(data_folder),
                    iteration=checkpoint.get("iteration"), min_score=args.min_score,
-                   max_overlap=args.max_overlap, top_k=args.top_k)
+                   max_overlap=args.max_overlap, top_k=args.top_k, precision=precision)
     atomic_write_json(out / "results.json", summary, indent=2)
     plot_pr_curves(result["curves"], result["mAP_07"], out / "pr_curves.png")
     print(f"wrote {out / 'results.json'} and {out / 'pr_curves.png'}")

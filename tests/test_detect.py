@@ -251,7 +251,8 @@ def test_cli_rejects_bad_options(checkpoint, capsys):
     assert exit_info.value.code == 0 and "--max-overlap" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("speed", [[], ["--amp", "--channels-last"]], ids=["fp32", "bf16-nhwc"])
+@pytest.mark.parametrize("speed", [["--amp", "off", "--no-channels-last"], ["--amp", "bf16", "--channels-last"]],
+                         ids=["fp32", "bf16-nhwc"])
 def test_cli_end_to_end_with_the_real_network(tmp_path, checkpoint, speed):
     """The real (random, tiny) network in a subprocess: a folder and a quoted glob, in float32
     and in the CPU inference options (bf16 autocast, channels_last)."""

@@ -13,7 +13,7 @@ def checkpoint(shapes_lists, tmp_path_factory):
     """A briefly trained tiny SSD300 on the shapes lists."""
     out = tmp_path_factory.mktemp("run")
     args = ["--preset", "toy", "--width", "0.0625", "--iterations", "6", "--batch-size", "4",
-            "--workers", "0", "--eval-every", "0", "--data-folder", str(shapes_lists), "--out", str(out)]
+            "--workers", "0", "--eval-every", "0", "--amp", "off", "--data-folder", str(shapes_lists), "--out", str(out)]
     assert train.main(args) == 0
     return out / "checkpoint.pt"
 
@@ -31,10 +31,12 @@ def test_eval_writes_results_and_pr_curves(checkpoint, tmp_path, capsys):
 
 
 def test_eval_with_cpu_inference_options(checkpoint, tmp_path):
-    assert evaluation.main([str(checkpoint), "--workers", "0", "--out", str(tmp_path / "fp32")]) == 0
-    assert evaluation.main([str(checkpoint), "--workers", "0", "--amp", "--channels-last",
+    assert evaluation.main([str(checkpoint), "--workers", "0", "--amp", "off", "--no-channels-last",
+                            "--out", str(tmp_path / "fp32")]) == 0
+    assert evaluation.main([str(checkpoint), "--workers", "0", "--amp", "bf16", "--channels-last",
                             "--out", str(tmp_path / "bf16")]) == 0
     fp32, bf16 = (json.loads((tmp_path / m / "results.json").read_text()) for m in ("fp32", "bf16"))
+    assert (fp32["precision"], bf16["precision"]) == ("fp32, NCHW", "bf16 autocast, channels_last")
     assert abs(fp32["mAP_07"] - bf16["mAP_07"]) < 0.05
 
 
