@@ -29,18 +29,19 @@ from tqdm import tqdm
 
 from datasets import DataError, PascalVOCDataset, collate_fn
 from model import MultiBoxLoss, SSD300, read_checkpoint
-from utils import HelpFormatter, atomic_torch_save, atomic_write, pick_device, save_figure
+from utils import (HelpFormatter, add_precision_arguments, atomic_torch_save, atomic_write,
+                   choose_precision, describe_precision, pick_device, save_figure)
 
 # Settings a preset changes; anything given on the command line still wins.
 PRESETS = {
-    # The same SSD300 at 1/8 of the channels, trained from scratch: AdamW (SGD at this width,
-    # from random weights, diverges or stalls), bf16 autocast and channels_last on the CPU
-    # (about 2x fp32 where the CPU has bf16 instructions). Reaches VOC07 mAP 0.92 on the
-    # built-in shapes dataset in about four minutes on two cores; with --backbone resnet34,
-    # 0.55 at half the compute, or 0.95 with --width 0.25 as well (README).
-    "toy": dict(width=0.125, pretrained=False, optimizer="adamw", batch_size=16, lr=1e-3,
-                iterations=800, lr_steps=[600, 750], warmup=50, amp="bf16",
-                channels_last=True, workers=1, print_every=25, save_every=200, eval_every=200),
+    # The same SSD300 at 1/8 of the channels, trained from scratch on a CPU in minutes:
+    # AdamW (SGD at this width, from random weights, diverges or stalls) and batch norm in the
+    # base (from scratch it reaches a given mAP with about half the images: ScratchDet), so
+    # that a CPU without bf16 (float32) trains it in about 7 minutes (README, "Quick start").
+    # --amp auto: bf16 where the CPU has it. With --backbone resnet34 add --width 0.25.
+    "toy": dict(width=0.125, pretrained=False, base_bn="train", optimizer="adamw",
+                batch_size=8, lr=3e-3, iterations=700, lr_steps=[525, 650], warmup=50,
+                workers=1, print_every=25, save_every=200, eval_every=200),
 }
 # Settings that define the network: a resumed run must keep them.
 ARCHITECTURE = ("backbone", "width", "n_classes", "base_bn")
@@ -66,8 +67,9 @@ def build_parser(suppress_defaults=False):
                      default=argparse.SUPPRESS, help="train the base from scratch")
     net.add_argument("--width", type=float, default=d(1.0), help="channel multiplier (1 = paper)")
     net.add_argument("--base-bn", choices=["frozen", "train"], default=d(None),
-                     help="ResNet-34's batch norm: frozen ImageNet statistics or trained "
-                          "(default: frozen with pretrained weights, trained from scratch)")
+                     help="batch norm in the base. ResNet-34: frozen ImageNet statistics or "
+                          "trained (default: frozen with pretrained weights, trained from "
+                          "scratch). VGG16: none (default, the paper's) or train (from scratch)")
     net.add_argument("--loc-loss", choices=["l1", "smooth_l1"], default=d("l1"),
                      help="localisation loss: L1 (original code) or smooth L1 (paper's text)")
     opt = p.add_argument_group("optimisation")
@@ -96,10 +98,7 @@ def build_parser(suppress_defaults=False):
                      help="start again in a run folder that already holds a checkpoint")
     run.add_argument("--seed", type=int, default=d(0), help="initialisation, data order, augmentation")
     run.add_argument("--device", default=d("auto"), help="auto (cuda, mps, cpu), cuda, cpu, ...")
-    run.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"], default=d("auto"),
-                     help="mixed precision; auto: bf16 (or fp16) on CUDA, off elsewhere")
-    run.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=d(None),
-                     help="NHWC memory format (default: on CUDA)")
+    add_precision_arguments(run, d)
     run.add_argument("--compile", action="store_true", default=d(False), help="torch.compile the model")
     run.add_argument("--print-every", type=int, default=d(100), help="iterations per log.csv row")
     run.add_argument("--save-every", type=int, default=d(5000), help="iterations per checkpoint")
@@ -221,14 +220,6 @@ def apply_linear_scaling(config):
     config["lr"] *= factor
     config["iterations"] = round(config["iterations"] / factor)
     config["lr_steps"] = [round(s / factor) for s in config["lr_steps"]]
-
-
-def amp_dtype(choice, device):
-    if choice == "off" or (choice == "auto" and device.type != "cuda"):
-        return None
-    if choice == "fp16" or (choice == "auto" and not torch.cuda.is_bf16_supported()):
-        return torch.float16
-    return torch.bfloat16
 
 
 # ------------------------------------------------------------------------------ checkpoints
@@ -364,10 +355,12 @@ class Trainer:
         torch.manual_seed(config["seed"])
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-        channels_last = (self.device.type == "cuda" if config["channels_last"] is None
-                         else config["channels_last"])
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.dtype = amp_dtype(config["amp"], self.device)
+        self.dtype, self.memory_format = choose_precision(config["amp"], self.device,
+                                                          config["channels_last"])
+        # What --amp auto chose on this machine (a resumed run chooses again on its own).
+        config["precision"] = describe_precision(self.dtype, self.memory_format)
+        if self.main_process:
+            print(f"precision: {config['precision']} on {self.device}")
         self._build_data()
         self._build_model(resume_state)
 

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 import torchvision
 from torchvision.ops import box_iou
 
@@ -133,8 +134,24 @@ def test_frozen_batch_norm_stays_fixed_and_trained_batch_norm_learns():
         assert isinstance(bn, torchvision.ops.FrozenBatchNorm2d) == frozen
         assert torch.equal(bn.running_mean, before) == frozen
         assert any(p is bn.weight for p in net.parameters()) != frozen
-    with pytest.raises(ValueError, match="VGG16 has no batch norm"):
+    with pytest.raises(ValueError, match="VGG16 takes None"):
         SSD300(n_classes=3, base_bn="frozen")
+    with pytest.raises(ValueError, match="without batch norm"):
+        SSD300(n_classes=3, base_bn="train", pretrained="vgg16.pth")
+
+
+def test_vgg_batch_norm_from_conv2_1_on():
+    """base_bn="train" (the toy preset, from scratch): batch norm after every convolution of
+    blocks 2-5 and conv6, conv7, none in block 1; the same feature maps."""
+    plain, bn = model.VGGBase(width=0.125), model.VGGBase(width=0.125, batch_norm=True)
+    names = [n for n, m in bn.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    assert names == [f"to_conv4_3.bn{b}_{i}" for b, n in [(2, 2), (3, 3), (4, 3)] for i in range(1, n + 1)] \
+        + [f"to_conv7.bn5_{i}" for i in (1, 2, 3)] + ["to_conv7.bn6", "to_conv7.bn7"]
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in plain.modules())
+    x = torch.randn(2, 3, 300, 300)
+    assert [f.shape for f in bn(x)] == [f.shape for f in plain(x)]
+    net = SSD300(n_classes=3, width=0.125, base_bn="train")
+    assert net.config["base_bn"] == "train" and SSD300(n_classes=3).config["base_bn"] is None
 
 
 def test_l2norm_is_float32_under_autocast():
