@@ -551,7 +551,10 @@ class MultiBoxLoss(nn.Module):
             k = int(n_hard.max())            # one sync: the largest per-image quota
             hardest = background_loss.masked_fill(positive, -1.0).topk(k, dim=1).indices
             take = torch.arange(k, device=device) < n_hard[:, None]                 # N x k
-            selected = positive.scatter(1, hardest, take)      # positives + hard negatives
+            # Positives OR the chosen negatives. An image with fewer negatives than the
+            # batch's largest quota k gets some positives among its top k (with take False):
+            # scattering into `positive` itself would clear them.
+            selected = positive | torch.zeros_like(positive).scatter(1, hardest, take)
         # Confidence: cross-entropy (float32) over the selected priors only.
         conf_loss = F.cross_entropy(pred_scores[selected].float(), true_labels[selected],
                                     reduction="sum") / n_total

@@ -489,3 +489,27 @@ def test_loss_falls_when_overfitting_two_images():
     window = [sum(losses[i:i + 6]) / 6 for i in range(0, 30, 6)]
     assert all(b < a for a, b in zip(window, window[1:])), losses   # falls steadily
     assert losses[-1] < 0.3 * losses[0], losses
+
+
+def test_hard_negative_mining_never_drops_positives_of_a_crowded_image():
+    """An image with more than a quarter of its priors positive has fewer negatives than
+    3 per positive; next to an image with a larger quota, the batched mining must still keep
+    all of its positives: the batch's loss equals the per-image losses, each weighted by its
+    number of positives (single images are checked against the reference above)."""
+    torch.manual_seed(0)
+    priors = create_priors()
+    crowded = cxcy_to_xy(priors[:6000])          # boxes equal to 6000 priors: >= 6000 positives
+    medium = cxcy_to_xy(priors[:5776:4])         # conv4_3's first prior at each location
+    boxes = [crowded, medium]
+    labels = [torch.randint(1, 3, (len(b),)) for b in boxes]
+    locs, scores = torch.randn(2, 8732, 4), torch.randn(2, 8732, 3) * 3
+    loss_fn = MultiBoxLoss(priors)
+    n_pos = [int((model.match_priors(b, lab, torch.zeros(len(b), dtype=torch.long), 1, priors)[1] > 0).sum())
+             for b, lab in zip(boxes, labels)]
+    # The case described: the crowded image has fewer negatives than the medium one's quota.
+    assert n_pos[0] > 8732 / 4 and min(3 * n_pos[1], 8732 - n_pos[1]) > 8732 - n_pos[0]
+    single = [loss_fn(locs[i:i + 1], scores[i:i + 1], [boxes[i]], [labels[i]]) for i in range(2)]
+    batch = loss_fn(locs, scores, boxes, labels)
+    for term in range(3):
+        want = sum(float(s[term]) * n for s, n in zip(single, n_pos)) / sum(n_pos)
+        assert float(batch[term]) == pytest.approx(want, rel=1e-5)
