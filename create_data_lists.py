@@ -16,6 +16,7 @@ pixel coordinates, labels, difficulties 0/1, and size [width, height] of the ann
 and label_map.json (class name -> index, "background": 0).
 """
 import argparse
+import sys
 import xml.etree.ElementTree as ET
 from collections import Counter
 from dataclasses import dataclass, field
@@ -253,17 +254,41 @@ def print_summary(summary, output_folder):
     print(f"\nWrote the lists to {Path(output_folder).resolve()}")
 
 
+# Images in the paper's VOC07+12 trainval (5,011 + 11,540) and VOC2007 test.
+VOC_IMAGES = {"VOC2007 trainval": 5_011, "VOC07+12 trainval": 16_551, "VOC2007 test": 4_952}
+
+
 def voc_sources(voc07, voc12):
-    """VOC07 trainval + VOC12 trainval for training, VOC07 test for testing; missing folders are left out."""
-    folders = (("VOC2007", voc07), ("VOC2012", voc12))
-    found = {year: Path(path) for year, path in folders if Path(path).is_dir()}
-    if not found:
-        raise DataError(f"neither VOC2007 folder {voc07} nor VOC2012 folder {voc12} exists")
-    for year, path in folders:
-        print(f"{year}: {'using ' + str(found[year]) if year in found else f'not found at {path}, left out'}")
-    train = [(path, "trainval") for path in found.values()]
-    test = [(found["VOC2007"], "test")] if "VOC2007" in found else []
+    """VOC07 trainval + VOC12 trainval for training (the paper's "07+12"), VOC07 test for testing.
+
+    Both folders must exist: a run without VOC2012 has a third of the training images and
+    loses several mAP points, so leaving it out takes voc12="none".
+    """
+    if not Path(voc07).is_dir():
+        raise DataError(f"VOC2007 folder {voc07} does not exist: download VOC with --download, "
+                        "or point --voc07 at VOCdevkit/VOC2007")
+    train, test = [(Path(voc07), "trainval")], [(Path(voc07), "test")]
+    if str(voc12).lower() == "none":
+        print("VOC2012 left out (--voc12 none): training on VOC2007 trainval alone")
+    elif not Path(voc12).is_dir():
+        raise DataError(f"VOC2012 folder {voc12} does not exist. The paper trains on VOC07+12 "
+                        f"({VOC_IMAGES['VOC07+12 trainval']:,} images); download it with --download, "
+                        "point --voc12 at VOCdevkit/VOC2012, or pass --voc12 none to train on "
+                        f"VOC2007 alone ({VOC_IMAGES['VOC2007 trainval']:,} images, several mAP points lower)")
+    else:
+        train.append((Path(voc12), "trainval"))
     return train, test
+
+
+def check_voc_counts(summary, with_voc12):
+    """Warn (stderr) when a split's image count differs from the official VOC release's."""
+    expected = {"TRAIN": ("VOC07+12 trainval" if with_voc12 else "VOC2007 trainval"),
+                "TEST": "VOC2007 test"}
+    for split, name in expected.items():
+        if summary[split]["images"] != VOC_IMAGES[name]:
+            print(f"warning: {split} has {summary[split]['images']:,} images, but {name} has "
+                  f"{VOC_IMAGES[name]:,}: an incomplete download or a different ImageSets file?",
+                  file=sys.stderr)
 
 
 VOC_ARCHIVES = (("2007", "trainval"), ("2007", "test"), ("2012", "trainval"))
@@ -293,7 +318,8 @@ def parse_args(argv=None):
     parser.add_argument("--voc07", default="data/VOCdevkit/VOC2007",
                         help="VOC2007 folder, trainval and test (default: %(default)s)")
     parser.add_argument("--voc12", default="data/VOCdevkit/VOC2012",
-                        help="VOC2012 folder, trainval (default: %(default)s)")
+                        help="VOC2012 folder, trainval (default: %(default)s); 'none' trains on "
+                             "VOC2007 alone (not the paper's 07+12)")
     parser.add_argument("--download", action="store_true",
                         help="first download VOC2007 and VOC2012 (about 3.6 GB) into the folder "
                              "above --voc07's VOCdevkit (default: data/)")
@@ -342,6 +368,8 @@ def main(argv=None):
     summary = create_data_lists(train, test, output, args.classes or classes, args.skip_unknown,
                                 args.skip_bad_boxes, args.check_images)
     print_summary(summary, output)
+    if not (args.shapes or args.root):
+        check_voc_counts(summary, with_voc12=len(train) == 2)
 
 
 if __name__ == "__main__":

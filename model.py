@@ -506,7 +506,8 @@ def match_priors(boxes, labels, image, n_images, priors_cxcy, threshold=0.5):
 class MultiBoxLoss(nn.Module):
     """The paper's loss: (L_conf + alpha * L_loc) / N over the whole batch, N = positive priors.
 
-    L_loc: L1 (the released code's choice, the default) or smooth L1 (the paper's text) over
+    L_loc: L1 (this project's default, as the sgrvinod tutorial) or smooth L1 (the paper's and
+    the Caffe release's, loc_loss_type SMOOTH_L1 in ssd_pascal.py) over
     the positives' encoded offsets. L_conf: cross-entropy over all positives plus, per image,
     the hardest negatives (highest background loss), at most neg_pos_ratio per positive.
     With no positive at all both terms are 0 (never NaN).

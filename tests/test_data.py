@@ -1,4 +1,5 @@
 """Tests of create_data_lists.py (parsing, checks, errors) and datasets.py (dataset, augmentation, shapes)."""
+import itertools
 import json
 
 import numpy as np
@@ -185,11 +186,17 @@ def test_skip_unknown_drops_and_counts_them(tmp_path):
     assert lists["label_map"] == {"background": 0, "cat": 1, "dog": 2}
 
 
-def test_cli_voc_mode_uses_the_folders_that_exist(awkward_voc, tmp_path, capsys):
-    main(["--voc07", str(awkward_voc), "--voc12", str(tmp_path / "missing"),
-          "--output", str(tmp_path / "lists")])
-    out = capsys.readouterr().out
-    assert f"VOC2012: not found at {tmp_path / 'missing'}" in out
+def test_cli_voc_mode_needs_voc2012_unless_left_out(awkward_voc, tmp_path, capsys):
+    with pytest.raises(DataError, match=r"VOC2012 folder .*missing.*16,551 images.*--voc12 none"):
+        main(["--voc07", str(awkward_voc), "--voc12", str(tmp_path / "missing"),
+              "--output", str(tmp_path / "lists")])
+    assert not (tmp_path / "lists").exists()
+    main(["--voc07", str(awkward_voc), "--voc12", "none", "--output", str(tmp_path / "lists")])
+    out, err = capsys.readouterr()
+    assert "VOC2012 left out" in out and "images" in out
+    # Not the official counts: said, for both splits.
+    assert "TRAIN has 3 images, but VOC2007 trainval has 5,011" in err
+    assert "TEST has 1 images, but VOC2007 test has 4,952" in err
     lists = read_lists(tmp_path / "lists")
     assert list(lists["label_map"]) == ["background", *VOC_CLASSES]
     assert lists["label_map"]["aeroplane"] == 1 and lists["label_map"]["tvmonitor"] == 20
@@ -197,8 +204,14 @@ def test_cli_voc_mode_uses_the_folders_that_exist(awkward_voc, tmp_path, capsys)
     assert lists["TRAIN_objects"][0]["labels"] == [VOC_CLASSES.index("dog") + 1, VOC_CLASSES.index("cat") + 1]
 
 
+def test_cli_voc_mode_reads_both_years(awkward_voc, tmp_path, capsys):
+    main(["--voc07", str(awkward_voc), "--voc12", str(awkward_voc), "--output", str(tmp_path / "lists")])
+    assert "VOC07+12 trainval has 16,551" in capsys.readouterr().err
+    assert len(read_lists(tmp_path / "lists")["TRAIN_images"]) == 6     # trainval of both
+
+
 def test_cli_errors_when_no_voc_folder_exists(tmp_path):
-    with pytest.raises(DataError, match=r"VOC2007 folder .*nope07.* VOC2012 folder .*nope12"):
+    with pytest.raises(DataError, match=r"VOC2007 folder .*nope07.* does not exist"):
         main(["--voc07", str(tmp_path / "nope07"), "--voc12", str(tmp_path / "nope12")])
 
 
@@ -271,7 +284,8 @@ def test_train_transform_properties():
         image, boxes, labels, difficulties = train_transform(*tagged_sample(rng))
         assert image.shape == (3, 300, 300) and image.dtype == torch.float32
         assert (boxes.dtype, labels.dtype, difficulties.dtype) == (torch.float32, torch.int64, torch.bool)
-        assert len(boxes) >= 1 and boxes.shape == (len(labels), 4) and len(difficulties) == len(labels)
+        # A crop may hold no object's centre (Caffe's constraint is an IoU with any object).
+        assert boxes.shape == (len(labels), 4) and len(difficulties) == len(labels)
         assert (boxes[:, :2] >= 0).all() and (boxes[:, 2:] <= 1).all()
         assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
         assert torch.equal(difficulties, labels % 2 == 0)
@@ -282,8 +296,27 @@ def test_train_transform_properties():
     assert checked_alignment > 500
 
 
+def test_crops_meet_caffes_sampler_constraints():
+    rng = np.random.default_rng(1)
+    torch.manual_seed(0)
+    found = {i: 0 for i in range(len(D.CROP_MIN_IOUS))}
+    for _ in range(200):
+        corners = torch.tensor(rng.uniform(0, 1, (3, 2, 2)), dtype=torch.float64).sort(dim=1).values
+        boxes = torch.cat([torch.tensor([[0.05, 0.05, 0.95, 0.95]], dtype=torch.float64), corners.flatten(1)])
+        for i, crop in D.sample_crops(boxes).items():
+            found[i] += 1
+            x1, y1, x2, y2 = crop.tolist()
+            assert 0 <= x1 < x2 <= 1 + 1e-9 and 0 <= y1 < y2 <= 1 + 1e-9
+            w, h = x2 - x1, y2 - y1
+            assert 0.3 ** 2 - 1e-9 <= w * h <= 1 + 1e-9 and 0.5 - 1e-9 <= w / h <= 2 + 1e-9
+            assert D.box_iou(crop[None], boxes).max() >= D.CROP_MIN_IOUS[i]
+    assert min(found.values()) >= 20, found
+    assert D.sample_crops(torch.zeros(0, 4)) == {}
+
+
 @pytest.mark.parametrize("min_iou", [0.0, 0.1, 0.3, 0.5, 0.7, 0.9])
-def test_crop_meets_the_paper_constraints(min_iou):
+def test_one_sampler_crop_meets_its_constraints(min_iou):
+    """sample_crop, the "one-sampler" policy's (see random_crop)."""
     rng = np.random.default_rng(1)
     torch.manual_seed(0)
     found = 0
@@ -309,25 +342,102 @@ def test_crop_meets_the_paper_constraints(min_iou):
     assert found >= 20
 
 
+def caffe_sampler_success_rates(box, n=200_000, seed=0):
+    """Per-trial success rate of each of Caffe's samplers for one object, estimated from the
+    definition in sampler.cpp, written out independently of datasets.sample_crops."""
+    rng = np.random.default_rng(seed)
+    scale = rng.uniform(0.3, 1.0, n)
+    ratio = np.clip(rng.uniform(0.5, 2.0, n), scale ** 2, 1 / scale ** 2)
+    w, h = scale * np.sqrt(ratio), scale / np.sqrt(ratio)
+    x1, y1 = rng.uniform(0, 1, n) * (1 - w), rng.uniform(0, 1, n) * (1 - h)
+    bx1, by1, bx2, by2 = box
+    inter = (np.clip(np.minimum(x1 + w, bx2) - np.maximum(x1, bx1), 0, None)
+             * np.clip(np.minimum(y1 + h, by2) - np.maximum(y1, by1), 0, None))
+    iou = inter / (w * h + (bx2 - bx1) * (by2 - by1) - inter)
+    return [float(np.mean(iou >= t)) for t in D.CROP_MIN_IOUS]
+
+
+def test_crop_choice_follows_caffes_batch_sampler():
+    """One 100x80 object in a 500x375 image: the whole image and each sampler are chosen as
+    often as Caffe's definition says (every sampler gets 50 trials; one of the samples found,
+    the whole image always among them, is picked uniformly)."""
+    box = (200 / 500, 150 / 375, 300 / 500, 230 / 375)
+    q = [1 - (1 - p) ** D.CROP_TRIALS for p in caffe_sampler_success_rates(box)]
+    expected = np.zeros(len(q) + 1)                      # samplers, then the whole image
+    for found in itertools.product([False, True], repeat=len(q)):
+        p = np.prod([qi if f else 1 - qi for qi, f in zip(q, found)])
+        for i in [i for i, f in enumerate(found) if f] + [len(q)]:
+            expected[i] += p / (sum(found) + 1)
+    torch.manual_seed(0)
+    draws = 3000
+    counts = np.zeros(len(q) + 1)
+    for _ in range(draws):
+        found = D.sample_crops(torch.tensor([box], dtype=torch.float64))
+        keys = sorted(found) + [len(q)]
+        counts[keys[torch.randint(len(keys), ()).item()]] += 1
+    sigma = np.sqrt(draws * expected * (1 - expected))
+    assert (np.abs(counts - draws * expected) <= 4.5 * sigma + 1).all(), (counts, draws * expected)
+    assert 0.2 < expected[-1] < 0.4          # the whole image: about 0.3 here
+
+    # random_crop itself keeps the whole image as often; the "one-sampler" policy (one option of
+    # seven drawn, the whole image if it fails) far more often.
+    image = Image.new("RGB", (500, 375))
+    pixels = D.tv_tensors.BoundingBoxes([[200, 150, 300, 230]], format="XYXY", canvas_size=(375, 500))
+    draws, p = 1500, expected[-1]
+    whole = {policy: sum(D.random_crop(image, pixels, torch.tensor([1]), torch.tensor([False]), policy)[0].size
+                         == (500, 375) for _ in range(draws)) for policy in D.CROP_POLICIES}
+    assert abs(whole["caffe"] - draws * p) <= 4.5 * np.sqrt(draws * p * (1 - p)) + 1, (whole, draws * p)
+    assert whole["one-sampler"] > whole["caffe"] + 0.15 * draws, whole
+
+
 def test_random_crop_keeps_objects_whose_centre_is_inside(monkeypatch):
-    monkeypatch.setattr(D, "CROP_MIN_IOUS", (0.5,))
-    monkeypatch.setattr(D, "sample_crop", lambda *args: (20, 20, 70, 70))
+    monkeypatch.setattr(D, "sample_crops", lambda boxes: {2: torch.tensor([0.2, 0.2, 0.7, 0.7], dtype=torch.float64)})
     image = Image.fromarray(np.arange(100 * 100 * 3, dtype=np.uint8).reshape(100, 100, 3))
     # centres (25, 25): inside; (79, 79): outside; (70, 25): on the crop's edge, so not inside
     boxes = D.tv_tensors.BoundingBoxes([[10, 10, 40, 40], [60, 60, 98, 98], [50, 5, 90, 45]], format="XYXY",
                                        canvas_size=(100, 100))
-    out_image, out_boxes, labels, difficulties = D.random_crop(image, boxes, torch.tensor([1, 2, 3]),
-                                                               torch.tensor([False, True, False]))
-    assert np.array_equal(np.asarray(out_image), np.asarray(image)[20:70, 20:70])
-    assert out_boxes.canvas_size == (50, 50) and out_boxes.tolist() == [[0, 0, 20, 20]]
-    assert labels.tolist() == [1] and difficulties.tolist() == [False]
+    outputs = set()
+    for seed in range(20):                   # the crop or the whole image, each half the time
+        torch.manual_seed(seed)
+        out_image, out_boxes, labels, difficulties = D.random_crop(image, boxes, torch.tensor([1, 2, 3]),
+                                                                   torch.tensor([False, True, False]))
+        outputs.add(out_image.size)
+        if out_image.size == (100, 100):
+            assert labels.tolist() == [1, 2, 3]
+            continue
+        assert np.array_equal(np.asarray(out_image), np.asarray(image)[20:70, 20:70])
+        assert out_boxes.canvas_size == (50, 50) and out_boxes.tolist() == [[0, 0, 20, 20]]
+        assert labels.tolist() == [1] and difficulties.tolist() == [False]
+    assert outputs == {(100, 100), (50, 50)}
 
 
-def test_rotate_hue_is_a_rotation_about_the_grey_axis():
-    colours = Image.fromarray(np.array([[[255, 0, 0], [128, 128, 128], [0, 0, 255]]], dtype=np.uint8))
-    assert np.array_equal(np.asarray(D._rotate_hue(colours, 0)), np.asarray(colours))
-    rotated = [[[0, 255, 0], [128, 128, 128], [255, 0, 0]]]
-    assert np.array_equal(np.asarray(D._rotate_hue(colours, 120)), rotated)
+def test_photometric_steps_follow_caffes_formulas():
+    colours = Image.fromarray(np.array([[[255, 0, 0], [128, 128, 128], [0, 0, 255], [200, 100, 50]]],
+                                       dtype=np.uint8))
+    pixels = np.asarray(colours).astype(float)
+    # Contrast and brightness: a plain factor and a plain offset per channel, clipped.
+    assert np.array_equal(np.asarray(D.adjust_contrast(colours, 1.5)), np.clip(np.round(pixels * 1.5), 0, 255))
+    assert np.array_equal(np.asarray(D.adjust_brightness(colours, -32)), np.clip(pixels - 32, 0, 255))
+    # Hue: a shift on the colour circle (red -> green at 120 degrees, wrapping); grey stays grey.
+    shifted = np.asarray(D.adjust_saturation_hue(colours, degrees=120)).astype(int)
+    assert np.abs(shifted[0, :3] - [[0, 255, 0], [128, 128, 128], [255, 0, 0]]).max() <= 2
+    back = np.asarray(D.adjust_saturation_hue(D.adjust_saturation_hue(colours, degrees=-36), degrees=36))
+    assert np.abs(back.astype(int) - pixels).max() <= 5      # two 8-bit HSV round trips
+    # Saturation: HSV S multiplied; 0 gives grey at the HSV value (the largest channel).
+    grey = np.asarray(D.adjust_saturation_hue(colours, alpha=0.0)).astype(int)
+    assert np.abs(grey - pixels.max(axis=2, keepdims=True)).max() <= 1
+
+
+def test_training_resize_interpolation_varies():
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (470, 650, 3), dtype=np.uint8))
+    boxes = D.tv_tensors.BoundingBoxes([[10, 10, 40, 40]], format="XYXY", canvas_size=(470, 650))
+    results = set()
+    for seed in range(40):
+        torch.manual_seed(seed)
+        resized, out_boxes, _, _ = D.resize(image, boxes, torch.tensor([1]), torch.tensor([False]))
+        assert resized.size == (300, 300)
+        results.add(np.asarray(resized).tobytes())
+    assert len(results) == len(D.TRAIN_INTERPOLATIONS)
 
 
 def test_degenerate_boxes_are_dropped_with_their_labels():
@@ -337,7 +447,9 @@ def test_degenerate_boxes_are_dropped_with_their_labels():
         torch.manual_seed(seed)
         _, out_boxes, labels, difficulties = train_transform(image, boxes, torch.tensor([1, 2, 3]),
                                                              torch.tensor([True, False, True]))
-        assert labels.tolist() == [2] and difficulties.tolist() == [False] and out_boxes.shape == (1, 4)
+        # The good box survives unless the crop leaves its centre out.
+        assert labels.tolist() in ([2], []) and difficulties.tolist() in ([False], [])
+        assert out_boxes.shape == (len(labels), 4)
 
 
 def test_empty_targets_pass_through_the_train_transform():
@@ -504,3 +616,11 @@ def test_shapes_objects_are_large_and_few(shapes_lists):
     difficult = sum(sum(o["difficulties"]) for o in objects) / sum(counts)
     assert 0 < difficult < 0.15
     assert set(l for o in objects for l in o["labels"]) == {1, 2, 3}
+
+
+def test_crop_policy_is_checked_and_used(shapes_lists):
+    with pytest.raises(ValueError, match="crop must be one of"):
+        PascalVOCDataset(shapes_lists, "train", crop="random")
+    caffe, gentle = (PascalVOCDataset(shapes_lists, "train", crop=policy) for policy in D.CROP_POLICIES)
+    assert gentle.crop == "one-sampler"
+    assert any(not torch.equal(caffe[i][0], gentle[i][0]) for i in range(4))
