@@ -368,7 +368,7 @@ class SSD300(nn.Module):
     reliable batch statistics, as in torchvision's detection models) and "train" from
     scratch (frozen initial statistics would normalise nothing).
     base_bn, VGG16: None is the paper's base, without batch norm; "train" adds trained batch
-    norm after each of its convolutions, for training from scratch (the toy preset).
+    norm after its convolutions from conv2_1 on, for training from scratch (the toy preset).
     """
 
     def __init__(self, n_classes, backbone="vgg16", pretrained=False, width=1.0, base_bn=None):
