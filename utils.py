@@ -166,8 +166,8 @@ def choose_precision(amp, device, channels_last=None, capabilities=None):
     amp "auto": on CUDA bf16 where the GPU has it, else fp16; on a CPU bf16 where the CPU
     computes it natively (`cpu_has_native`), else float32; float32 on other devices.
     channels_last None (auto): NHWC on CUDA and CPU, where convolutions run faster in it
-    in every precision (CPU, SSD300-VGG16 fp32 forward: 350 against 394 ms/image on an
-    AVX2-only CPU; toy width: 10 against 19 ms/image), NCHW elsewhere.
+    in every precision (CPU, SSD300-VGG16 fp32 forward: 350 against 394 ms/image with AVX2
+    kernels, simulated on an AVX-512 bf16 machine; toy width: 10 against 19), NCHW elsewhere.
     An explicit reduced precision on a CPU that lacks it runs, with a warning.
     """
     device = torch.device(device)
