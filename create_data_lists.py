@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from datasets import (SHAPE_CLASSES, DataError, exif_rotated_size, load_image, make_shapes_dataset,
                       uses_exif_frame)
-from utils import atomic_write_json
+from utils import atomic_write_json, bounded, writable_folder
 
 VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
@@ -47,11 +47,14 @@ class Annotation:
 
 
 def read_split_ids(root, split):
-    """Image ids listed in root/ImageSets/Main/<split>.txt."""
+    """Image ids listed in root/ImageSets/Main/<split>.txt (a warning if it lists none)."""
     path = Path(root) / "ImageSets" / "Main" / f"{split}.txt"
     if not path.is_file():
         raise DataError(f"{path}: split file not found")
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not ids:
+        print(f"warning: {path} lists no images", file=sys.stderr)
+    return ids
 
 
 def _text(element, tag, xml_path, default=None):
@@ -206,11 +209,17 @@ def create_data_lists(train_sources, test_sources, output_folder, classes=None, 
     classes: class names in label order; by default the sorted names found in the annotations.
     Nothing is written unless every source parses.
     """
+    output_folder = writable_folder(output_folder, create=False)   # before the parsing, not after
     splits = {split: read_annotations(sources, skip_bad_boxes, check_images, description=f"parsing {split}")
               for split, sources in (("TRAIN", train_sources), ("TEST", test_sources))}
     everything = [annotation for annotations, _ in splits.values() for annotation in annotations]
+    if not everything:
+        raise DataError("neither the training nor the test splits list any image: check the "
+                        "ImageSets/Main/<split>.txt files and the split names")
     if classes is None:
         classes = sorted({name for annotation in everything for name in annotation.names})
+        print(f"classes found in the annotations (give --classes to fix their set and order): "
+              f"{', '.join(classes)}", file=sys.stderr)
     label_map = make_label_map(classes)
 
     unknown, examples = unknown_classes(everything, label_map)
@@ -228,7 +237,6 @@ def create_data_lists(train_sources, test_sources, output_folder, classes=None, 
         skipped = unknown_classes(annotations, label_map)[0]
         summary[split] = split_summary(entries, label_map, skipped, bad_boxes)
 
-    output_folder = Path(output_folder)
     output_folder.mkdir(parents=True, exist_ok=True)
     for name, data in outputs.items():
         atomic_write_json(output_folder / name, data)
@@ -333,7 +341,8 @@ def parse_args(argv=None):
                         help="class names in label order (default: the 20 VOC classes for VOC, else the "
                              "sorted names found in the annotations)")
     parser.add_argument("--shapes", help="folder of the built-in synthetic dataset; generated if missing")
-    parser.add_argument("--shapes-size", nargs=2, type=int, default=[400, 100], metavar=("TRAINVAL", "TEST"),
+    parser.add_argument("--shapes-size", nargs=2, type=bounded(int, 1), default=[400, 100],
+                        metavar=("TRAINVAL", "TEST"),
                         help="number of images to generate for --shapes (default: 400 100)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the --shapes generator (default: 0)")
     parser.add_argument("--skip-unknown", action="store_true",
@@ -375,5 +384,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except DataError as error:
+    except (DataError, OSError) as error:     # bad data; a read-only or full disk
         raise SystemExit(f"error: {error}")

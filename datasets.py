@@ -15,6 +15,7 @@ import os
 import shutil
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -24,7 +25,8 @@ from torchvision.ops import box_iou
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-IMAGE_SIZE = 300
+from model import IMAGE_SIZE
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # RGB, on 0-1 images
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MEAN_PIXEL = tuple(round(255 * m) for m in IMAGENET_MEAN)  # zoom-out fill, on 0-255 images
@@ -57,6 +59,22 @@ class DataError(ValueError):
     """A problem with the data on disk; the message names the file."""
 
 
+class BadSample(NamedTuple):
+    """Stands in for a sample that could not be read (PascalVOCDataset with on_error="mark"),
+    so that the problem reaches the main process as one line from any DataLoader worker."""
+    index: int
+    message: str
+
+
+class Batch(NamedTuple):
+    """What collate_fn makes of a list of samples."""
+    images: torch.Tensor      # (N, 3, 300, 300)
+    boxes: list               # N tensors (n_i, 4), fractional x1, y1, x2, y2
+    labels: list              # N tensors (n_i,)
+    difficulties: list        # N tensors (n_i,) bool
+    problems: list            # messages of the samples left out (BadSample), in order
+
+
 # ----------------------------------------------------------------------------------------------
 # Images
 
@@ -78,8 +96,30 @@ def uses_exif_frame(image, annotated_size):
     return tuple(annotated_size) == exif_rotated_size(image)
 
 
+def to_8bit(image):
+    """A high-bit-depth grayscale PIL image ("I;16*", "I", "F") as mode "L", scaled (Pillow's
+    convert clips instead: 16-bit images come out all white).
+
+    16-bit data (modes I;16*, and mode I within 0..65535, which is how Pillow decodes some
+    16-bit PNGs) maps 0..65535 to 0..255; floats within 0..1 map to 0..255; anything else is
+    stretched from its own minimum to its maximum.
+    """
+    values = np.asarray(image, dtype=np.float64)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if image.mode.startswith("I;16") or (image.mode == "I" and low >= 0 and high <= 65535):
+        values = values / 257
+    elif image.mode == "F" and low >= 0 and high <= 1:
+        values = values * 255
+    else:
+        values = (values - low) * (255 / (high - low) if high > low else 0.0)
+    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
+
+
 def to_rgb(image):
-    """A PIL image of any mode as RGB; transparent pixels are laid on white."""
+    """A PIL image of any mode as RGB; transparent pixels are laid on white, high-bit-depth
+    grayscale is scaled to 8 bits (to_8bit)."""
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        image = to_8bit(image)
     if image.has_transparency_data:
         white = Image.new("RGBA", image.size, "white")
         return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
@@ -362,6 +402,18 @@ def load_label_map(data_folder):
     return label_map
 
 
+def check_same_classes(expected, found, expected_source, found_source):
+    """Raise a DataError unless two label maps are equal, saying when only the order differs."""
+    if expected == found:
+        return
+    in_order = [[name for name, _ in sorted(m.items(), key=lambda item: item[1])][1:]
+                for m in (expected, found)]
+    if set(expected) == set(found):
+        raise DataError(f"{found_source} has the classes of {expected_source} in another order: "
+                        f"{in_order[1]} instead of {in_order[0]} (lists made with another --classes?)")
+    raise DataError(f"{expected_source} has classes {in_order[0]}, but {found_source} has {in_order[1]}")
+
+
 def sample_seed(seed, epoch, index):
     """A well-mixed 64-bit seed that depends only on (seed, epoch, index)."""
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0])
@@ -375,11 +427,14 @@ class PascalVOCDataset(torch.utils.data.Dataset):
     and `label_map` are the raw lists, for evaluation.
 
     crop: the training crop's policy, "caffe" (the paper's) or "one-sampler" (see random_crop).
+    on_error: "raise" a DataError for an unreadable image, or "mark": return a BadSample
+    (collate_fn leaves it out and reports its message).
     Call set_epoch(epoch) before iterating over an epoch: the epoch lives in shared memory, so
     DataLoader workers (persistent or not) see it.
     """
 
-    def __init__(self, data_folder, split, keep_difficult=True, seed=0, augment=None, crop="caffe"):
+    def __init__(self, data_folder, split, keep_difficult=True, seed=0, augment=None, crop="caffe",
+                 on_error="raise"):
         split = split.upper()
         if split not in ("TRAIN", "TEST"):
             raise ValueError(f"split must be 'train' or 'test', not {split!r}")
@@ -399,6 +454,9 @@ class PascalVOCDataset(torch.utils.data.Dataset):
         if crop not in CROP_POLICIES:
             raise ValueError(f"crop must be one of {CROP_POLICIES}, not {crop!r}")
         self.crop = crop
+        if on_error not in ("raise", "mark"):
+            raise ValueError(f"on_error must be 'raise' or 'mark', not {on_error!r}")
+        self.on_error = on_error
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
 
     def set_epoch(self, epoch):
@@ -413,7 +471,12 @@ class PascalVOCDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         objects = self.objects[index]
-        image = load_image(self.images[index], objects.get("size"))
+        try:
+            image = load_image(self.images[index], objects.get("size"))
+        except DataError as error:
+            if self.on_error == "raise":
+                raise
+            return BadSample(index, str(error))
         boxes = torch.tensor(objects["boxes"], dtype=torch.float32).reshape(-1, 4)
         labels = torch.tensor(objects["labels"], dtype=torch.int64)
         difficulties = torch.tensor(objects["difficulties"], dtype=torch.bool)
@@ -428,10 +491,16 @@ class PascalVOCDataset(torch.utils.data.Dataset):
 
 
 def collate_fn(batch):
-    """Stack images to (N, 3, 300, 300); boxes, labels and difficulties stay lists of N tensors."""
-    images, boxes, labels, difficulties = zip(*batch)
+    """Samples -> a Batch: images stacked to (N, 3, 300, 300); boxes, labels and difficulties
+    lists of N tensors; BadSamples left out, their messages in `problems`."""
+    problems = [sample.message for sample in batch if isinstance(sample, BadSample)]
+    good = [sample for sample in batch if not isinstance(sample, BadSample)]
+    if not good:
+        return Batch(torch.zeros(0, 3, IMAGE_SIZE, IMAGE_SIZE), [], [], [], problems)
+    images, boxes, labels, difficulties = zip(*good)
     # default_collate stacks straight into shared memory inside DataLoader workers, saving a copy
-    return torch.utils.data.default_collate(images), list(boxes), list(labels), list(difficulties)
+    return Batch(torch.utils.data.default_collate(images), list(boxes), list(labels),
+                 list(difficulties), problems)
 
 
 # ----------------------------------------------------------------------------------------------

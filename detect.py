@@ -37,9 +37,9 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from datasets import DataError, load_image, to_model_input, to_rgb
-from model import load_checkpoint
-from utils import (add_precision_arguments, atomic_write, choose_precision, describe_precision,
-                   pick_device)
+from model import DRAW_DECODING, load_checkpoint
+from utils import (HelpFormatter, add_precision_arguments, atomic_write, bounded, choose_precision,
+                   describe_precision, pick_device, writable_folder)
 
 # Box colours by class index (1 -> first entry, cycling after 20): saturated, mutually distinct.
 PALETTE = [
@@ -92,7 +92,8 @@ def output_names(paths):
 # ----------------------------------------------------------------------------------------
 
 @torch.inference_mode()
-def detect_batch(net, images, min_score=0.2, max_overlap=0.5, top_k=200, amp="auto"):
+def detect_batch(net, images, min_score=DRAW_DECODING.min_score,
+                 max_overlap=DRAW_DECODING.max_overlap, top_k=DRAW_DECODING.top_k, amp="auto"):
     """Detect objects in several PIL images with one forward pass of `net` (an SSD300 in eval mode).
 
     Runs on the device of net's parameters, in the autocast precision that `amp` ("auto",
@@ -121,10 +122,12 @@ def detect_batch(net, images, min_score=0.2, max_overlap=0.5, top_k=200, amp="au
     return results
 
 
-def detect(net, image, min_score=0.2, max_overlap=0.5, top_k=200, amp="auto"):
+def detect(net, image, min_score=DRAW_DECODING.min_score, max_overlap=DRAW_DECODING.max_overlap,
+           top_k=DRAW_DECODING.top_k, amp="auto"):
     """Detections in one PIL image: (boxes k x 4 in its pixels, label indices k, scores k).
 
-    Boxes refer to `image` as passed: use datasets.load_image(path, displayed=True) for a file's displayed (EXIF-rotated) frame.
+    Boxes refer to `image` as passed: use datasets.load_image(path, displayed=True) for a
+    file's displayed (EXIF-rotated) frame.
     """
     return detect_batch(net, [image], min_score, max_overlap, top_k, amp)[0]
 
@@ -204,24 +207,20 @@ def draw_detections(image, boxes, labels, scores, names):
 # ----------------------------------------------------------------------------------------
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("checkpoint", help="checkpoint written by train.py")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image file, folder or glob pattern")
-    p.add_argument("--out", type=Path, default=Path("detections"), help="output folder (default: detections/)")
-    p.add_argument("--min-score", type=float, default=0.2, help="minimum class score (default: 0.2)")
-    p.add_argument("--max-overlap", type=float, default=0.5, help="NMS IoU threshold (default: 0.5)")
-    p.add_argument("--top-k", type=int, default=200, help="most detections per image (default: 200)")
+    p.add_argument("--out", type=Path, default=Path("detections"), help="output folder")
+    p.add_argument("--min-score", type=bounded(float, 0, below=1), default=DRAW_DECODING.min_score,
+                   help="minimum class score")
+    p.add_argument("--max-overlap", type=bounded(float, above=0, high=1),
+                   default=DRAW_DECODING.max_overlap, help="NMS IoU threshold")
+    p.add_argument("--top-k", type=bounded(int, 1), default=DRAW_DECODING.top_k,
+                   help="most detections per image")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:1, ...")
-    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
+    p.add_argument("--batch-size", type=bounded(int, 1), default=8, help="images per forward pass")
     add_precision_arguments(p)
-    args = p.parse_args(argv)
-    if not 0 <= args.min_score < 1:
-        p.error("--min-score must be in [0, 1)")
-    if not 0 < args.max_overlap <= 1:
-        p.error("--max-overlap must be in (0, 1]")
-    if args.top_k < 1 or args.batch_size < 1:
-        p.error("--top-k and --batch-size must be at least 1")
-    return args
+    return p.parse_args(argv)
 
 
 def main(argv=None):
@@ -234,7 +233,8 @@ def main(argv=None):
         return 1
     try:
         net, checkpoint = load_checkpoint(args.checkpoint, pick_device(args.device))
-    except (FileNotFoundError, ValueError) as error:
+        writable_folder(args.out)
+    except (FileNotFoundError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     dtype, memory_format = choose_precision(args.amp, next(net.parameters()).device,
@@ -242,7 +242,6 @@ def main(argv=None):
     print(f"precision: {describe_precision(dtype, memory_format)}", file=sys.stderr)
     net = net.to(memory_format=memory_format)
     names = class_names(checkpoint["config"]["label_map"])
-    args.out.mkdir(parents=True, exist_ok=True)
     try:
         results = detect_and_draw(net, paths, names, args)
         write_json(results, args.out / "detections.json")

@@ -3,9 +3,10 @@
     python eval.py checkpoints/ssd300_voc/checkpoint.pt
     python eval.py checkpoints/toy/checkpoint.pt --data-folder data/shapes_lists
 
-Decodes with the paper's evaluation settings (min score 0.01, NMS IoU 0.45, top 200 per image),
-reports VOC07 11-point mAP (the paper's metric for VOC2007 test) and VOC2010+ area mAP, and
-writes results.json and pr_curves.png next to the checkpoint.
+Decodes with the paper's evaluation settings (model.EVAL_DECODING: min score 0.01, NMS IoU
+0.45, top 200 per image), reports VOC07 11-point mAP (the paper's metric for VOC2007 test) and
+VOC2010+ area mAP, and writes results.json and pr_curves.png next to the checkpoint. Other
+decoding settings need an --out folder of their own, so that they never replace those results.
 """
 import argparse
 import sys
@@ -15,29 +16,33 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from datasets import DataError, PascalVOCDataset, collate_fn
-from model import load_checkpoint
-from utils import (HelpFormatter, add_precision_arguments, atomic_write_json, choose_precision,
-                   describe_precision, mean_average_precision, pick_device,
-                   precision_recall_curves, save_figure)
+from datasets import DataError, PascalVOCDataset, check_same_classes, collate_fn
+from model import EVAL_DECODING, load_checkpoint
+from utils import (HelpFormatter, add_precision_arguments, atomic_write_json, bounded,
+                   choose_precision, describe_precision, mean_average_precision, pick_device,
+                   precision_recall_curves, save_figure, writable_folder)
 
 
 @torch.inference_mode()
 def predict(net, dataset, device, batch_size=32, workers=2, amp_dtype=None,
-            memory_format=torch.contiguous_format, min_score=0.01, max_overlap=0.45, top_k=200,
-            progress=True):
+            memory_format=torch.contiguous_format, min_score=EVAL_DECODING.min_score,
+            max_overlap=EVAL_DECODING.max_overlap, top_k=EVAL_DECODING.top_k, progress=True):
     """Detections and ground truth of every test image, as per-image lists of CPU tensors.
 
     Boxes stay fractional: IoU does not change when both axes are rescaled, so the VOC
-    matching is the same as in pixels.
+    matching is the same as in pixels. An unreadable image raises a DataError naming it.
     """
+    if len(dataset) == 0:
+        raise DataError("the test list is empty: there is nothing to evaluate")
     net.eval()
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn,
                                          num_workers=workers, pin_memory=device.type == "cuda")
     dets = {"boxes": [], "labels": [], "scores": []}
     truth = {"boxes": [], "labels": [], "difficulties": []}
-    for images, boxes, labels, difficulties in tqdm(loader, desc="evaluate", disable=not progress,
-                                                    leave=False, dynamic_ncols=True):
+    for images, boxes, labels, difficulties, problems in tqdm(
+            loader, desc="evaluate", disable=not progress, leave=False, dynamic_ncols=True):
+        if problems:
+            raise DataError(problems[0])
         images = images.to(device, non_blocking=True, memory_format=memory_format)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             locs, scores = net(images)
@@ -93,7 +98,8 @@ def plot_pr_curves(curves, mAP_07, png):
     ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02),
            title=f"precision-recall per class (VOC07 mAP {mAP_07:.3f})")
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
+    if curves:
+        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
     fig.tight_layout()
     save_figure(fig, png)
 
@@ -103,15 +109,25 @@ def parse_args(argv=None):
     p.add_argument("checkpoint", nargs="?", default="checkpoints/ssd300/checkpoint.pt",
                    help="checkpoint written by train.py")
     p.add_argument("--data-folder", help="lists from create_data_lists.py (default: the training run's)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
-    p.add_argument("--workers", type=int, default=4, help="data loading processes")
+    p.add_argument("--batch-size", type=bounded(int, 1), default=32, help="images per forward pass")
+    p.add_argument("--workers", type=bounded(int, 0), default=4, help="data loading processes")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cuda, cpu, ...")
     add_precision_arguments(p)
-    p.add_argument("--min-score", type=float, default=0.01, help="class score threshold")
-    p.add_argument("--max-overlap", type=float, default=0.45, help="NMS IoU threshold")
-    p.add_argument("--top-k", type=int, default=200, help="detections kept per image")
-    p.add_argument("--out", help="folder for results.json and pr_curves.png (default: the checkpoint's)")
-    return p.parse_args(argv)
+    p.add_argument("--min-score", type=bounded(float, 0, below=1), default=EVAL_DECODING.min_score,
+                   help="class score threshold")
+    p.add_argument("--max-overlap", type=bounded(float, above=0, high=1),
+                   default=EVAL_DECODING.max_overlap, help="NMS IoU threshold")
+    p.add_argument("--top-k", type=bounded(int, 1), default=EVAL_DECODING.top_k,
+                   help="detections kept per image")
+    p.add_argument("--out", help="folder for results.json and pr_curves.png (default: the "
+                                 "checkpoint's; required with other decoding settings)")
+    args = p.parse_args(argv)
+    settings = (args.min_score, args.max_overlap, args.top_k)
+    if settings != EVAL_DECODING[:3] and args.out is None:
+        p.error(f"--min-score/--max-overlap/--top-k {settings} differ from the paper's evaluation "
+                f"settings {EVAL_DECODING[:3]}: give an --out folder, so that the run's "
+                "results.json keeps the paper-setting evaluation")
+    return args
 
 
 def main(argv=None):
@@ -121,14 +137,20 @@ def main(argv=None):
         net, checkpoint = load_checkpoint(args.checkpoint, device)
         config = checkpoint["config"]
         data_folder = args.data_folder or config.get("data_folder")
-        dataset = PascalVOCDataset(data_folder, "test", keep_difficult=True)
-        if dataset.label_map != config.get("label_map"):
-            raise ValueError(
-                f"{args.checkpoint} was trained on classes {sorted(config.get('label_map', {}))}, "
-                f"but {data_folder} has {sorted(dataset.label_map)}")
+        dataset = PascalVOCDataset(data_folder, "test", keep_difficult=True, on_error="mark")
+        check_same_classes(config["label_map"], dataset.label_map, args.checkpoint, data_folder)
+        out = writable_folder(args.out or Path(args.checkpoint).parent)
+        return evaluate_and_report(net, checkpoint, dataset, data_folder, out, args, device)
     except (DataError, FileNotFoundError, ValueError) as e:
         print(f"eval.py: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:                                  # e.g. a read-only or full disk
+        print(f"eval.py: error: {e}", file=sys.stderr)
+        return 1
+
+
+def evaluate_and_report(net, checkpoint, dataset, data_folder, out, args, device):
+    """Evaluate, print the table, and write results.json and pr_curves.png into `out`."""
     amp_dtype, memory_format = choose_precision(args.amp, device, args.channels_last)
     precision = describe_precision(amp_dtype, memory_format)
     print(f"precision: {precision} on {device}")
@@ -137,9 +159,10 @@ def main(argv=None):
                       args.workers, amp_dtype=amp_dtype, memory_format=memory_format,
                       min_score=args.min_score, max_overlap=args.max_overlap, top_k=args.top_k)
     print_table(result)
+    if not result["aps_07"]:
+        print("warning: no class has a test object that is not difficult: mAP is undefined "
+              "(null in results.json)", file=sys.stderr)
     print(f"{len(dataset)} images at {result['images_per_s']:.1f} images/s on {device}")
-    out = Path(args.out or Path(args.checkpoint).parent)
-    out.mkdir(parents=True, exist_ok=True)
     summary = {k: v for k, v in result.items() if k != "curves"}
     summary.update(checkpoint=str(args.checkpoint), data_folder=str(data_folder),
                    iteration=checkpoint.get("iteration"), min_score=args.min_score,

@@ -4,11 +4,12 @@
     model = SSD300(n_classes=21)                 # 20 VOC classes + background (class 0)
     locs, scores = model(images)                 # N x 8732 x 4, N x 8732 x 21
     loss, loc_loss, conf_loss = MultiBoxLoss(model.priors_cxcy)(locs, scores, boxes, labels)
-    boxes, labels, scores = model.detect_objects(locs, scores, 0.01, 0.45, 200)
+    boxes, labels, scores = model.detect_objects(locs, scores)   # EVAL_DECODING's settings
 """
 import math
 import os
 from collections import OrderedDict
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -35,7 +36,22 @@ FEATURE_MAPS = [
 # rounded to whole pixels the way the released ssd_pascal.py does).
 MIN_SIZES = [30, 60, 111, 162, 213, 264]
 MAX_SIZES = [60, 111, 162, 213, 264, 315]
-IMAGE_SIZE = 300
+IMAGE_SIZE = 300   # the input side, in pixels
+
+
+class Decoding(NamedTuple):
+    """How predictions become detections (see detect_objects)."""
+    min_score: float         # class score threshold
+    max_overlap: float       # NMS IoU threshold, per class
+    top_k: int               # detections kept per image
+    per_class_top_k: int = 400   # candidates per class before NMS
+
+
+# The paper's evaluation settings (Caffe's ssd_pascal.py test: confidence_threshold 0.01,
+# nms_threshold 0.45, top_k 400, keep_top_k 200): the ones VOC mAP is reported with.
+EVAL_DECODING = Decoding(0.01, 0.45, 200)
+# detect.py's pictures: fewer, surer boxes.
+DRAW_DECODING = Decoding(0.2, 0.5, 200)
 
 # VGG16 convolutions, block by block (torchvision's `features` holds them in this order).
 VGG16_BLOCKS = [[64, 64], [128, 128], [256, 256, 256], [512, 512, 512], [512, 512, 512]]
@@ -413,8 +429,9 @@ class SSD300(nn.Module):
         return self.pred_convs(features)
 
     @torch.no_grad()
-    def detect_objects(self, pred_locs, pred_scores, min_score=0.01, max_overlap=0.45,
-                       top_k=200, per_class_top_k=400):
+    def detect_objects(self, pred_locs, pred_scores, min_score=EVAL_DECODING.min_score,
+                       max_overlap=EVAL_DECODING.max_overlap, top_k=EVAL_DECODING.top_k,
+                       per_class_top_k=EVAL_DECODING.per_class_top_k):
         return detect_objects(pred_locs, pred_scores, self.priors_cxcy, min_score,
                               max_overlap, top_k, per_class_top_k)
 
@@ -566,15 +583,17 @@ class MultiBoxLoss(nn.Module):
 # Detection
 # ----------------------------------------------------------------------------------------
 
-def detect_objects(pred_locs, pred_scores, priors_cxcy, min_score=0.01, max_overlap=0.45,
-                   top_k=200, per_class_top_k=400):
+def detect_objects(pred_locs, pred_scores, priors_cxcy, min_score=EVAL_DECODING.min_score,
+                   max_overlap=EVAL_DECODING.max_overlap, top_k=EVAL_DECODING.top_k,
+                   per_class_top_k=EVAL_DECODING.per_class_top_k):
     """Decode predictions into detections, as the original evaluation does.
 
     Per image and class: scores above min_score, at most per_class_top_k of them (Caffe's
     and torchvision's pre-NMS cap; None for no cap), NMS at IoU max_overlap; then the top_k
     highest-scoring detections of the image over all classes.
-    Returns three lists over images: boxes (k x 4 fractional corners clamped to [0, 1]),
-    labels (k, 1..C-1) and scores (k).
+    pred_locs: (N, 8732, 4) offsets; pred_scores: (N, 8732, C) class logits; priors_cxcy:
+    (8732, 4). Returns three lists over images: boxes (k x 4 fractional corners clamped to
+    [0, 1]), labels (k, 1..C-1) and scores (k).
     """
     N, P, C = pred_scores.shape
     boxes = cxcy_to_xy(decode(pred_locs.float(), priors_cxcy)).clamp(0, 1)    # N x P x 4
@@ -605,6 +624,10 @@ def detect_objects(pred_locs, pred_scores, priors_cxcy, min_score=0.01, max_over
 # Checkpoints
 # ----------------------------------------------------------------------------------------
 
+# What load_checkpoint, eval.py and detect.py need from a checkpoint's config.
+CHECKPOINT_CONFIG = ("n_classes", "backbone", "width", "label_map")
+
+
 def read_checkpoint(path, required=("model", "config")):
     """A checkpoint written by train.py, as a dict, with clear errors for anything else.
 
@@ -615,12 +638,31 @@ def read_checkpoint(path, required=("model", "config")):
     except FileNotFoundError:
         raise FileNotFoundError(f"checkpoint {path} does not exist") from None
     except Exception as e:
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint "
-                         f"({type(e).__name__}: {e})") from e
+        raise ValueError(f"{path} is not a checkpoint written by train.py: not a PyTorch file "
+                         f"of tensors and plain values ({_load_failure(e)})") from None
     if not isinstance(checkpoint, dict) or not set(required) <= set(checkpoint):
         raise ValueError(f"{path} is not an SSD300 checkpoint written by train.py "
                          f"(it lacks some of {', '.join(required)})")
+    if "config" in required:
+        missing = [key for key in CHECKPOINT_CONFIG if key not in checkpoint["config"]]
+        if missing:
+            raise ValueError(f"{path}: its config lacks {', '.join(missing)}, which train.py "
+                             "always saves; the file was not written by this repository's train.py")
     return checkpoint
+
+
+def _load_failure(error):
+    """The one line of a torch.load error that says what is wrong with the file.
+
+    weights_only=True refusals wrap the reason in advice to load with weights_only=False,
+    which must never be taken for a file that is supposed to be one of ours.
+    """
+    text = str(error)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        text = text.split(marker, 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
 
 
 def load_checkpoint(path, device="cpu"):

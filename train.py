@@ -15,6 +15,7 @@ Ctrl-C), log.csv and loss_curve.png.
 """
 import argparse
 import csv
+import multiprocessing
 import os
 import signal
 import sys
@@ -27,10 +28,11 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from datasets import CROP_POLICIES, DataError, PascalVOCDataset, collate_fn
+from datasets import CROP_POLICIES, DataError, PascalVOCDataset, check_same_classes, collate_fn
 from model import MultiBoxLoss, SSD300, read_checkpoint
-from utils import (HelpFormatter, add_precision_arguments, atomic_torch_save, atomic_write,
-                   choose_precision, describe_precision, pick_device, save_figure)
+from utils import (HelpFormatter, add_precision_arguments, atomic_torch_save, atomic_write, bounded,
+                   choose_precision, describe_precision, pick_device, remove_stale_temporaries,
+                   save_figure)
 
 # Settings a preset changes; anything given on the command line still wins.
 PRESETS = {
@@ -60,11 +62,15 @@ def build_parser(suppress_defaults=False):
     data.add_argument("--data-folder", default=d("data/voc_lists"), help="lists from create_data_lists.py")
     data.add_argument("--keep-difficult", action=argparse.BooleanOptionalAction, default=d(True),
                       help="train on objects marked difficult (the original Caffe recipe does)")
-    data.add_argument("--workers", type=int, default=d(4), help="data loading processes per GPU")
+    data.add_argument("--workers", type=bounded(int, 0), default=d(4),
+                      help="data loading processes per GPU")
     data.add_argument("--crop", choices=CROP_POLICIES, default=d("caffe"),
                       help="random crop: caffe (the paper's: every sampler runs, one sample or the "
                            "whole image picked) or one-sampler (one sampler drawn, fewer crops: "
                            "for short schedules)")
+    data.add_argument("--skip-bad-images", action="store_true", default=d(False),
+                      help="leave out images that cannot be read, with a warning, instead of "
+                           "stopping (with a checkpoint) at the first one")
     net = p.add_argument_group("model")
     net.add_argument("--backbone", choices=["vgg16", "resnet34"], default=d("vgg16"),
                      help="VGG16 (the paper's) or ResNet-34 (MLPerf-style) base")
@@ -72,7 +78,8 @@ def build_parser(suppress_defaults=False):
                      help="ImageNet weights for the base: torchvision's, or a file path")
     net.add_argument("--no-pretrained", dest="pretrained", action="store_false",
                      default=argparse.SUPPRESS, help="train the base from scratch")
-    net.add_argument("--width", type=float, default=d(1.0), help="channel multiplier (1 = paper)")
+    net.add_argument("--width", type=bounded(float, above=0), default=d(1.0),
+                     help="channel multiplier (1 = paper)")
     net.add_argument("--base-bn", choices=["frozen", "train"], default=d(None),
                      help="batch norm in the base. ResNet-34: frozen ImageNet statistics or "
                           "trained (default: frozen with pretrained weights, trained from "
@@ -81,20 +88,24 @@ def build_parser(suppress_defaults=False):
                      help="localisation loss: L1 (this project's default, as in the sgrvinod "
                           "tutorial) or smooth L1 (the paper's and the Caffe release's)")
     opt = p.add_argument_group("optimisation")
-    opt.add_argument("--batch-size", type=int, default=d(32), help="global batch, over all GPUs")
+    opt.add_argument("--batch-size", type=bounded(int, 1), default=d(32),
+                     help="global batch, over all GPUs")
     opt.add_argument("--optimizer", choices=["sgd", "adamw"], default=d("sgd"),
                      help="SGD with momentum (the paper's) or AdamW")
-    opt.add_argument("--lr", type=float, default=d(1e-3), help="base learning rate")
-    opt.add_argument("--momentum", type=float, default=d(0.9), help="SGD momentum")
-    opt.add_argument("--weight-decay", type=float, default=d(5e-4), help="on weights, not biases")
-    opt.add_argument("--iterations", type=int, default=d(120_000), help="training iterations (batches)")
-    opt.add_argument("--lr-steps", type=int, nargs="*", default=d([80_000, 100_000]),
+    opt.add_argument("--lr", type=bounded(float, above=0), default=d(1e-3), help="base learning rate")
+    opt.add_argument("--momentum", type=bounded(float, 0, below=1), default=d(0.9), help="SGD momentum")
+    opt.add_argument("--weight-decay", type=bounded(float, 0), default=d(5e-4),
+                     help="on weights, not biases")
+    opt.add_argument("--iterations", type=bounded(int, 1), default=d(120_000),
+                     help="training iterations (batches)")
+    opt.add_argument("--lr-steps", type=bounded(int, 0), nargs="*", default=d([80_000, 100_000]),
                      help="iterations at which the learning rate is multiplied by --lr-gamma")
-    opt.add_argument("--lr-gamma", type=float, default=d(0.1), help="learning rate factor at each step")
-    opt.add_argument("--warmup", type=int, default=d(0), help="linear warm-up iterations")
+    opt.add_argument("--lr-gamma", type=bounded(float, above=0), default=d(0.1),
+                     help="learning rate factor at each step")
+    opt.add_argument("--warmup", type=bounded(int, 0), default=d(0), help="linear warm-up iterations")
     opt.add_argument("--scale-lr", action="store_true", default=d(False),
                      help="linear scaling rule: lr x batch/32, iterations and lr steps x 32/batch")
-    opt.add_argument("--max-bad-steps", type=int, default=d(5),
+    opt.add_argument("--max-bad-steps", type=bounded(int, 1), default=d(5),
                      help="stop after this many non-finite losses in a row")
     run = p.add_argument_group("run")
     run.add_argument("--preset", choices=sorted(PRESETS), default=d(None),
@@ -108,9 +119,12 @@ def build_parser(suppress_defaults=False):
     run.add_argument("--device", default=d("auto"), help="auto (cuda, mps, cpu), cuda, cpu, ...")
     add_precision_arguments(run, d)
     run.add_argument("--compile", action="store_true", default=d(False), help="torch.compile the model")
-    run.add_argument("--print-every", type=int, default=d(100), help="iterations per log.csv row")
-    run.add_argument("--save-every", type=int, default=d(5000), help="iterations per checkpoint")
-    run.add_argument("--eval-every", type=int, default=d(0), help="test mAP every N iterations (0: never)")
+    run.add_argument("--print-every", type=bounded(int, 1), default=d(100),
+                     help="iterations per log.csv row")
+    run.add_argument("--save-every", type=bounded(int, 1), default=d(5000),
+                     help="iterations per checkpoint")
+    run.add_argument("--eval-every", type=bounded(int, 0), default=d(0),
+                     help="test mAP every N iterations (0: never)")
     run.add_argument("--plot", nargs="+", metavar="RUN", default=d(None),
                      help="only draw the loss curves of these run folders (or log.csv files)")
     run.add_argument("--plot-out", default=d("loss_curves.png"), help="figure written by --plot")
@@ -168,6 +182,8 @@ class TrainSampler(torch.utils.data.Sampler):
     def __init__(self, n, batch_per_rank, rank, world, seed):
         self.n, self.batch, self.rank, self.world, self.seed = n, batch_per_rank, rank, world, seed
         self.batches_per_epoch = n // (batch_per_rank * world)
+        if n == 0:
+            raise DataError("the training list is empty: create_data_lists.py found no training images")
         if self.batches_per_epoch == 0:
             raise DataError(f"the training list has {n} images, fewer than one global batch "
                             f"({batch_per_rank * world}); lower --batch-size")
@@ -342,8 +358,28 @@ class StopRequest:
 
 
 def ignore_interrupts(worker_id):
-    """DataLoader workers leave Ctrl-C to the main process, which stops cleanly."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """DataLoader workers leave Ctrl-C and SIGTERM to the main process, which stops cleanly:
+    job schedulers (Slurm's scancel, Kubernetes, GNU timeout) signal the whole process group,
+    and a worker that died first would take the main process down before it could save."""
+    for sig in StopRequest.SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def end_data_workers():
+    """Kill the DataLoader workers still alive. They ignore SIGTERM, but multiprocessing ends
+    them at exit with SIGTERM and then waits for them: it would wait forever."""
+    for worker in multiprocessing.active_children():
+        worker.kill()
+        worker.join()
+
+
+class TrainingStopped(Exception):
+    """The run cannot go on; a checkpoint of its last weights has been saved first."""
+
+
+def is_worker_death(error):
+    """Whether `error` is the DataLoader's report that one of its worker processes died."""
+    return isinstance(error, RuntimeError) and str(error).startswith("DataLoader worker")
 
 
 class Trainer:
@@ -375,10 +411,11 @@ class Trainer:
     def _build_data(self):
         config = self.config
         self.dataset = PascalVOCDataset(config["data_folder"], "train", config["keep_difficult"],
-                                        config["seed"], crop=config.get("crop", "caffe"))
-        if config.get("label_map", self.dataset.label_map) != self.dataset.label_map:  # resumed run
-            raise ValueError(f"{config['data_folder']} has classes {sorted(self.dataset.label_map)}, "
-                             f"but the checkpoint was trained on {sorted(config['label_map'])}")
+                                        config["seed"], crop=config.get("crop", "caffe"),
+                                        on_error="mark")
+        if "label_map" in config:                                               # resumed run
+            check_same_classes(config["label_map"], self.dataset.label_map,
+                               "the checkpoint", config["data_folder"])
         config["label_map"] = self.dataset.label_map
         config["n_classes"] = len(self.dataset.label_map)
         batch_per_rank = config["batch_size"] // self.world
@@ -425,11 +462,11 @@ class Trainer:
             atomic_torch_save(state, self.out / "checkpoint.pt")
             tqdm.write(f"saved {self.out / 'checkpoint.pt'} at iteration {self.iteration} ({reason})")
 
-    def step(self, images, boxes, labels, stop):
+    def step(self, batch, stop):
         """One iteration. Returns (loss terms or None if skipped as non-finite, stop now)."""
-        images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
-        boxes = [b.to(self.device, non_blocking=True) for b in boxes]
-        labels = [lab.to(self.device, non_blocking=True) for lab in labels]
+        images = batch.images.to(self.device, non_blocking=True, memory_format=self.memory_format)
+        boxes = [b.to(self.device, non_blocking=True) for b in batch.boxes]
+        labels = [lab.to(self.device, non_blocking=True) for lab in batch.labels]
         lr = learning_rate(self.iteration, self.config)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group["lr_mult"]
@@ -445,70 +482,110 @@ class Trainer:
 
     def run(self):
         """Train to config["iterations"]; returns the exit code (0, or 130 when interrupted)."""
-        config = self.config
-        if self.main_process:
-            self.out.mkdir(parents=True, exist_ok=True)
-            write_log(self.out / "log.csv", self.history)
-        evaluator = make_evaluator(config, self.device, self.dtype, self.memory_format) \
-            if config["eval_every"] else None
-        sums = torch.zeros(3, device=self.device, dtype=torch.float64)   # loss, loc, conf
-        n_summed, bad_steps, t_last = 0, 0, time.perf_counter()
-        start = t_last - (self.history[-1]["elapsed_s"] if self.history else 0.0)
-        bar = tqdm(total=config["iterations"], initial=self.iteration, desc="train",
+        self._prepare_folder()
+        evaluator = make_evaluator(self.config, self.device, self.dtype, self.memory_format) \
+            if self.config["eval_every"] else None
+        self.losses = RunningLosses(self.device, self.history[-1]["elapsed_s"] if self.history else 0.0)
+        self.bad_steps, self.skipped_images = 0, 0
+        bar = tqdm(total=self.config["iterations"], initial=self.iteration, desc="train",
                    disable=not self.main_process, dynamic_ncols=True)
         self.model.train()
         stream = batches(self.loader, self.sampler, self.dataset, self.iteration)
         with bar, StopRequest() as stop:
-            while self.iteration < config["iterations"]:
-                images, boxes, labels, _ = next(stream)
-                terms, stop_now = self.step(images, boxes, labels, stop)
-                bar.update(1)
-                it = self.iteration
-                if terms is None:
-                    bad_steps += 1
-                    warnings.warn(f"non-finite loss at iteration {it}: step skipped ({bad_steps} in a row)")
-                    if bad_steps >= config["max_bad_steps"]:
-                        self.save("stopped after non-finite losses")
-                        raise FloatingPointError(
-                            f"{bad_steps} non-finite losses in a row at iteration {it}: stopped. "
-                            f"The last good weights are in {self.out / 'checkpoint.pt'}; try a "
-                            "lower --lr, a longer --warmup, or --amp off.")
-                else:
-                    bad_steps = 0
-                    sums += terms
-                    n_summed += 1
-                evaluate = evaluator and (it % config["eval_every"] == 0 or it == config["iterations"])
-                due = it % config["print_every"] == 0 or it == config["iterations"] or stop_now
-                if n_summed and (due or evaluate):
-                    row = log_row(sums, n_summed, it, learning_rate(it - 1, config),
-                                  config["batch_size"], t_last, start, self.world)
-                    if evaluate:
-                        row["mAP"] = evaluator(self.net)
-                        self.model.train()
-                    self.history.append(row)
-                    bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2g}",
-                                    img_s=f"{row['images_per_s']:.1f}")
-                    if self.main_process:
-                        write_log(self.out / "log.csv", self.history)
-                        # Every 10th row, and whenever mAP is measured or the run ends.
-                        if len(self.history) % 10 == 0 or evaluate or it == config["iterations"] \
-                                or stop_now:
-                            plot_loss_curves([(self.out.name, log_columns(self.history))],
-                                             self.out / "loss_curve.png")
-                    sums.zero_()
-                    n_summed, t_last = 0, time.perf_counter()
-                if stop_now:
-                    bar.close()
-                    self.save("interrupted")
+            try:
+                while self.iteration < self.config["iterations"]:
+                    batch = self._readable(next(stream))
+                    terms, stop_now = self.step(batch, stop)
+                    bar.update(1)
+                    self._count(terms)
+                    self._log(evaluator, bar, stop_now)
+                    if stop_now:
+                        bar.close()
+                        self.save("interrupted")
+                        return 130
+                    self._periodic_save()
+            except RuntimeError as error:
+                if not is_worker_death(error):
+                    raise
+                bar.close()
+                self.save("interrupted" if stop.requested else "a data loading process died")
+                if stop.requested:             # e.g. a signal that reached a worker first
                     return 130
-                if it % config["save_every"] == 0 and it < config["iterations"]:
-                    try:
-                        self.save("periodic")
-                    except OSError as e:             # e.g. a full disk: keep training
-                        warnings.warn(str(e))
+                raise TrainingStopped(f"{error}; continue with --resume") from error
         self.save("finished")
+        if self.skipped_images:
+            print(f"{self.skipped_images} unreadable images skipped (--skip-bad-images)")
         check_ranks_agree(self.net, self.device, self.world, self.main_process)
         return 0
+
+    def _prepare_folder(self):
+        if self.main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            if remove_stale_temporaries(self.out):
+                print(f"removed temporary files left in {self.out} by an interrupted write")
+            write_log(self.out / "log.csv", self.history)
+
+    def _readable(self, batch):
+        """The batch's readable samples. An unreadable image stops the run with a checkpoint
+        (the batch is not consumed: --resume reads it again), or with --skip-bad-images is
+        left out with a warning."""
+        if batch.problems and not self.config["skip_bad_images"]:
+            self.save("stopped at an unreadable image")
+            raise TrainingStopped(f"{batch.problems[0]}. Replace or remove the image and continue "
+                                  "with --resume, or pass --skip-bad-images")
+        for problem in batch.problems:
+            tqdm.write(f"skipped: {problem}")
+        self.skipped_images += len(batch.problems)
+        if not len(batch.images):
+            self.save("stopped: no image of a batch could be read")
+            raise TrainingStopped(f"no image of a batch could be read ({batch.problems[0]}, ...): "
+                                  "is the data folder complete?")
+        return batch
+
+    def _count(self, terms):
+        """Add a step's losses; stop after --max-bad-steps non-finite ones in a row."""
+        if terms is not None:
+            self.bad_steps = 0
+            self.losses.add(terms)
+            return
+        self.bad_steps += 1
+        warnings.warn(f"non-finite loss at iteration {self.iteration}: step skipped "
+                      f"({self.bad_steps} in a row)")
+        if self.bad_steps >= self.config["max_bad_steps"]:
+            self.save("stopped after non-finite losses")
+            raise FloatingPointError(
+                f"{self.bad_steps} non-finite losses in a row at iteration {self.iteration}: "
+                f"stopped. The last good weights are in {self.out / 'checkpoint.pt'}; try a "
+                "lower --lr, a longer --warmup, or --amp off.")
+
+    def _log(self, evaluator, bar, stop_now):
+        """Every --print-every iterations (and at the end): a log.csv row, the test mAP every
+        --eval-every, and the loss curve."""
+        config, it = self.config, self.iteration
+        last = it == config["iterations"]
+        evaluate = evaluator is not None and (it % config["eval_every"] == 0 or last)
+        if not self.losses.n or not (it % config["print_every"] == 0 or last or stop_now or evaluate):
+            return
+        row = self.losses.row(it, learning_rate(it - 1, config), config["batch_size"], self.world)
+        if evaluate:
+            row["mAP"] = evaluator(self.net)
+            self.model.train()
+        self.history.append(row)
+        bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2g}",
+                        img_s=f"{row['images_per_s']:.1f}")
+        if self.main_process:
+            write_log(self.out / "log.csv", self.history)
+            # Every 10th row, and whenever mAP is measured or the run ends.
+            if len(self.history) % 10 == 0 or evaluate or last or stop_now:
+                plot_loss_curves([(self.out.name, log_columns(self.history))],
+                                 self.out / "loss_curve.png")
+
+    def _periodic_save(self):
+        if self.iteration % self.config["save_every"] == 0 and self.iteration < self.config["iterations"]:
+            try:
+                self.save("periodic")
+            except OSError as e:                 # e.g. a full disk: keep training
+                warnings.warn(str(e))
 
 
 def forward_loss(model, criterion, images, boxes, labels, dtype):
@@ -526,15 +603,32 @@ def backward_step(loss, optimizer, scaler):
     scaler.update()
 
 
-def log_row(sums, n, iteration, lr, batch_size, t_last, start, world):
-    """Mean losses since the last row (averaged over ranks) and throughput."""
-    if world > 1:
-        dist.all_reduce(sums)
-        sums /= world
-    now = time.perf_counter()
-    loss, loc, conf = (sums / n).tolist()
-    return dict(iteration=iteration, loss=loss, loc_loss=loc, conf_loss=conf, lr=lr,
-                images_per_s=n * batch_size / max(now - t_last, 1e-9), elapsed_s=now - start, mAP="")
+class RunningLosses:
+    """Loss terms summed on the device since the last log row, read back once per row."""
+
+    def __init__(self, device, elapsed_s=0.0):
+        self.sums = torch.zeros(3, device=device, dtype=torch.float64)   # loss, loc, conf
+        self.n = 0
+        self.t_last = time.perf_counter()
+        self.start = self.t_last - elapsed_s
+
+    def add(self, terms):
+        self.sums += terms
+        self.n += 1
+
+    def row(self, iteration, lr, batch_size, world):
+        """Mean losses since the last row (averaged over ranks) and throughput; then reset."""
+        if world > 1:
+            dist.all_reduce(self.sums)
+            self.sums /= world
+        now = time.perf_counter()
+        loss, loc, conf = (self.sums / self.n).tolist()
+        row = dict(iteration=iteration, loss=loss, loc_loss=loc, conf_loss=conf, lr=lr,
+                   images_per_s=self.n * batch_size / max(now - self.t_last, 1e-9),
+                   elapsed_s=now - self.start, mAP="")
+        self.sums.zero_()
+        self.n, self.t_last = 0, now
+        return row
 
 
 def make_evaluator(config, device, dtype, memory_format):
@@ -589,10 +683,11 @@ def main(argv=None):
     except (DataError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         code = 2
-    except (OSError, FloatingPointError) as e:        # e.g. a full disk, or a diverged run
+    except (OSError, FloatingPointError, TrainingStopped) as e:   # a full disk, a diverged run...
         print(f"train.py: error: {e}", file=sys.stderr)
         code = 1
     finally:
+        end_data_workers()
         if dist.is_initialized():
             dist.destroy_process_group()
     return code

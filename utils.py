@@ -8,10 +8,14 @@ does IoU and the corner <-> centre conversion, so we call it rather than write i
 """
 import argparse
 import contextlib
+import errno
 import json
+import math
 import os
+import stat
 import tempfile
 import warnings
+from pathlib import Path
 
 import torch
 from torchvision.ops import box_convert
@@ -115,6 +119,33 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text
 
 
+def bounded(kind, low=None, high=None, above=None, below=None):
+    """An argparse type: a `kind` (int or float) with low <= value <= high, above < value <
+    below (bounds left None are open), else a usage error saying what is allowed."""
+    if low is None and above is None:
+        lower = "(-inf"
+    else:
+        lower = f"[{low}" if low is not None else f"({above}"
+    upper = f"{high}]" if high is not None else (f"{below})" if below is not None else None)
+    if upper is None:
+        allowed = f"at least {low}" if low is not None else f"greater than {above}"
+    else:
+        allowed = f"in {lower}, {upper}"
+    noun = "an integer" if kind is int else "a number"
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
+        inside = (value == value and (low is None or value >= low) and (high is None or value <= high)
+                  and (above is None or value > above) and (below is None or value < below))
+        if not inside:
+            raise argparse.ArgumentTypeError(f"{text} is not allowed: must be {allowed}")
+        return value
+    return parse
+
+
 def pick_device(name="auto"):
     """'auto' -> cuda, then mps, then cpu; anything else is passed to torch.device."""
     if name != "auto":
@@ -204,38 +235,111 @@ def add_precision_arguments(parser, default=lambda value: value):
                         help="NHWC memory format (default: on CUDA and CPU)")
 
 
+def os_error(code, message):
+    """An OSError with errno `code` whose text is just `message` (no "[Errno 28]" prefix)."""
+    error = OSError(message)
+    error.errno = code
+    return error
+
+
+TEMP_PREFIX = ".tmp-"   # atomic_write's temporary files; remove_stale_temporaries clears them
+
+
+def _current_umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()   # read once: os.umask can only be read by setting it
+
+
 @contextlib.contextmanager
 def atomic_write(path, mode="w"):
     """Write through a temporary file beside `path`, renamed over it once complete.
 
-    A crash or a full disk while writing leaves the previous file untouched and no temporary
-    file behind; an OSError says which file could not be saved.
+    An exception or a full disk while writing leaves the previous file untouched and removes
+    the temporary file (a kill -9 can leave one: remove_stale_temporaries); an OSError says
+    which file could not be saved. The file gets the mode open() would give it (0o666 less
+    the umask), or the existing file's mode: mkstemp alone would make every file 0o600.
     """
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=folder)
+        try:
+            os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
+        except FileNotFoundError:
+            os.chmod(tmp, 0o666 & ~_UMASK)
         with os.fdopen(fd, mode, **({} if "b" in mode else {"newline": ""})) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
         if isinstance(e, OSError):
-            raise OSError(e.errno, f"could not save {path}: {e.strerror or e}; "
-                                   f"the previous file, if any, is unchanged") from e
+            raise os_error(e.errno, f"could not save {path}: {e.strerror or e}; "
+                                    "the previous file, if any, is unchanged") from e
         raise
 
 
+def writable_folder(folder, create=True):
+    """Create `folder` if needed and check that files can be written in it, before long work
+    whose results would otherwise be lost at the end: an OSError naming it if not.
+    create=False creates nothing: it checks that the folder or its nearest existing parent
+    is writable."""
+    folder = Path(folder)
+    if not create:
+        existing = next(p for p in (folder.absolute(), *folder.absolute().parents) if p.exists())
+        if not (existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)):
+            raise os_error(errno.EACCES, f"cannot write in {folder}: {existing} is not a writable folder")
+        return folder
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(prefix=TEMP_PREFIX, dir=folder):
+            pass
+    except OSError as e:
+        raise os_error(e.errno, f"cannot write in {folder}: {e.strerror or e}") from e
+    return folder
+
+
+def remove_stale_temporaries(folder):
+    """Delete atomic_write's temporary files that a killed process left in `folder`;
+    returns how many. Only for a folder that no other process is writing to."""
+    stale = list(Path(folder).glob(TEMP_PREFIX + "*"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
+
+
 def atomic_torch_save(obj, path):
+    """torch.save through atomic_write. It needs free space for a second copy of the file
+    while the old one is still there."""
     with atomic_write(path, "wb") as f:
-        torch.save(obj, f)
+        try:
+            torch.save(obj, f)
+        except RuntimeError as e:   # how torch's zip writer reports a failed write (full disk)
+            raise OSError(f"torch.save failed ({str(e).splitlines()[0]})") from e
+
+
+def json_safe(value):
+    """`value` with every NaN or infinite float (also inside lists and dicts) as None, so
+    that json.dump writes valid JSON (null) rather than NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def atomic_write_json(path, data, indent=None):
+    """Valid JSON (NaN and infinities as null), written atomically."""
     with atomic_write(path) as f:
-        json.dump(data, f, indent=indent)
+        json.dump(json_safe(data), f, indent=indent, allow_nan=False)
 
 
 def save_figure(fig, png):

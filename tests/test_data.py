@@ -479,9 +479,9 @@ def test_dataset_items_and_collate(shapes_lists):
     mean, std = np.array(D.IMAGENET_MEAN) * 255, np.array(D.IMAGENET_STD) * 255
     assert np.allclose(image.permute(1, 2, 0).numpy(), (pixels - mean) / std, atol=1e-4)
 
-    images, batch_boxes, batch_labels, batch_difficulties = collate_fn([dataset[i] for i in range(3)])
+    images, batch_boxes, batch_labels, batch_difficulties, problems = collate_fn([dataset[i] for i in range(3)])
     assert images.shape == (3, 3, 300, 300)
-    assert len(batch_boxes) == len(batch_labels) == len(batch_difficulties) == 3
+    assert len(batch_boxes) == len(batch_labels) == len(batch_difficulties) == 3 and problems == []
     assert torch.equal(batch_boxes[0], boxes)
 
 

@@ -51,7 +51,13 @@ def test_classes_must_match_the_checkpoint(checkpoint, shapes_lists, tmp_path, c
     (tmp_path / "label_map.json").write_text(json.dumps({"background": 0, "cat": 1, "dog": 2, "cow": 3}))
     assert evaluation.main([str(checkpoint), "--data-folder", str(tmp_path), "--workers", "0"]) == 2
     err = capsys.readouterr().err
-    assert "trained on classes" in err and "cat" in err
+    assert "has classes ['circle', 'square', 'triangle']" in err and "['cat', 'dog', 'cow']" in err
+    # The same classes in another order: the message says so rather than listing two equal sets.
+    (tmp_path / "label_map.json").write_text(
+        json.dumps({"background": 0, "square": 1, "circle": 2, "triangle": 3}))
+    assert evaluation.main([str(checkpoint), "--data-folder", str(tmp_path), "--workers", "0"]) == 2
+    assert ("in another order: ['square', 'circle', 'triangle'] instead of "
+            "['circle', 'square', 'triangle']") in capsys.readouterr().err
 
 
 def test_missing_checkpoint_data_or_foreign_file(checkpoint, tmp_path, capsys):

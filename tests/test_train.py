@@ -94,7 +94,7 @@ def test_training_lowers_loss_and_raises_map(shapes_lists, tmp_path):
 def test_resnet34_training_step_lowers_the_loss_on_a_fixed_batch(shapes_lists):
     torch.manual_seed(0)
     data = PascalVOCDataset(shapes_lists, "test")
-    images, boxes, labels, _ = collate_fn([data[i] for i in range(4)])
+    images, boxes, labels, _, _ = collate_fn([data[i] for i in range(4)])
     net = model.SSD300(len(data.label_map), backbone="resnet34",
                        width=train.PRESETS["toy"]["width"]).train()
     criterion = model.MultiBoxLoss(net.priors_cxcy)
@@ -195,7 +195,7 @@ def test_resume_refuses_another_model_or_foreign_files(shapes_lists, tmp_path, c
         (other / f.name).write_bytes(f.read_bytes())
     (other / "label_map.json").write_text(json.dumps({"background": 0, "a": 1, "b": 2, "c": 3}))
     assert train.main(["--resume", "--out", str(tmp_path), "--data-folder", str(other)]) == 2
-    assert "trained on" in capsys.readouterr().err
+    assert "has classes" in capsys.readouterr().err
     not_a_checkpoint = tmp_path / "notes.pt"
     not_a_checkpoint.write_text("hello")
     assert train.main(["--resume", str(not_a_checkpoint), "--out", str(tmp_path)]) == 2
