@@ -566,6 +566,18 @@ class MultiBoxLoss(nn.Module):
 # Detection
 # ----------------------------------------------------------------------------------------
 
+def decode_predictions(pred_locs, pred_scores, priors_cxcy):
+    """The heads' outputs as boxes and class probabilities, in float32.
+
+    pred_locs: N x P x 4 offsets, pred_scores: N x P x C logits (class 0 the background).
+    Returns (boxes N x P x 4 fractional corners clamped to [0, 1], probabilities of the
+    object classes N x (C-1) x P). Traceable: export.py puts it inside the ONNX graph.
+    """
+    boxes = cxcy_to_xy(decode(pred_locs.float(), priors_cxcy)).clamp(0, 1)
+    probs = F.softmax(pred_scores.float(), dim=2)[:, :, 1:].transpose(1, 2)
+    return boxes, probs
+
+
 def detect_objects(pred_locs, pred_scores, priors_cxcy, min_score=0.01, max_overlap=0.45,
                    top_k=200, per_class_top_k=400):
     """Decode predictions into detections, as the original evaluation does.
@@ -577,8 +589,7 @@ def detect_objects(pred_locs, pred_scores, priors_cxcy, min_score=0.01, max_over
     labels (k, 1..C-1) and scores (k).
     """
     N, P, C = pred_scores.shape
-    boxes = cxcy_to_xy(decode(pred_locs.float(), priors_cxcy)).clamp(0, 1)    # N x P x 4
-    probs = F.softmax(pred_scores.float(), dim=2)[:, :, 1:].transpose(1, 2)  # N x (C-1) x P
+    boxes, probs = decode_predictions(pred_locs, pred_scores, priors_cxcy)
     k = P if per_class_top_k is None else min(per_class_top_k, P)
     scores, prior = probs.topk(k, dim=2)                                     # N x (C-1) x k
     # Only as many candidates per (image, class) as the fullest one has above min_score.
