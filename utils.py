@@ -205,19 +205,19 @@ def add_precision_arguments(parser, default=lambda value: value):
 
 
 @contextlib.contextmanager
-def atomic_write(path, mode="w"):
-    """Write through a temporary file beside `path`, renamed over it once complete.
+def atomic_path(path):
+    """A temporary path beside `path`, with its extension, renamed over `path` once the block
+    completes: for writers that take a file name and choose the format by its extension
+    (OpenCV's video writer).
 
     A crash or a full disk while writing leaves the previous file untouched and no temporary
     file behind; an OSError says which file could not be saved.
     """
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
+    os.close(fd)
     try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"newline": ""})) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
         os.replace(tmp, path)
     except BaseException as e:
         if os.path.exists(tmp):
@@ -226,6 +226,16 @@ def atomic_write(path, mode="w"):
             raise OSError(e.errno, f"could not save {path}: {e.strerror or e}; "
                                    f"the previous file, if any, is unchanged") from e
         raise
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode="w"):
+    """Write through a temporary file beside `path`, renamed over it once complete (as
+    `atomic_path`), flushed to the disk first."""
+    with atomic_path(path) as tmp, open(tmp, mode, **({} if "b" in mode else {"newline": ""})) as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def atomic_torch_save(obj, path):
