@@ -244,7 +244,8 @@ def parse_args(argv):
     p.add_argument("checkpoint", help="checkpoint written by train.py")
     p.add_argument("--out", type=Path, required=True, help="ONNX file to write")
     p.add_argument("--no-postprocess", dest="postprocess", action="store_false",
-                   help="export only the network's raw heads (locs, scores)")
+                   help="export only the network's raw heads (locs, scores) (default: the "
+                        "decoding and NMS too)")
     p.add_argument("--min-score", type=float, default=DECODING["min_score"],
                    help="keep class scores above this")
     p.add_argument("--max-overlap", type=float, default=DECODING["max_overlap"],
