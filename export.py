@@ -40,6 +40,7 @@ import io
 import json
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -144,7 +145,13 @@ def export(net, label_map, decoding=None):
     # NonMaxSuppression (whose output size depends on the data) directly, where the default
     # dynamo exporter would need the onnxscript package and a custom operator with its own
     # translation for it.
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # Known and harmless here: the exporter's deprecation (see above), the tracer's notes
+        # that sizes become constants (they are: 300 x 300, the class and prior counts), and
+        # advanced indexing's caveat about negative indices (NMS gives none).
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", "Exporting aten::index operator")
         torch.onnx.export(module, (example,), buffer, dynamo=False, opset_version=OPSET,
                           input_names=["images"], output_names=outputs,
                           dynamic_axes={name: {0: "batch"} for name in ["images", *outputs]})
