@@ -19,6 +19,9 @@ Sections:
   eval        evaluation images/s of eval.predict (data loading, network and decoding), both
               bases at full and toy width, on untrained weights (more boxes reach NMS than
               with a trained model)
+  deploy      CPU latency at batch 1 of the whole detector (network and decoding at the
+              paper's settings), both bases, untrained: PyTorch fp32, PyTorch in what --amp auto
+              picks, and onnxruntime running export.py's graph (needs onnx and onnxruntime)
 Prints a Markdown table; figures in the README came from this script.
 """
 import argparse
@@ -148,8 +151,8 @@ def section_detect(device, args):
     locs = (0.5 * torch.randn(batch, 8732, 4, generator=g)).to(device)
     for name, scores in (("random scores", torch.randn(batch, 8732, 21, generator=g).to(device)),
                          ("trained-like scores", trained_like_scores(batch, 21, g, device))):
-        t = timed(lambda: model.detect_objects(locs, scores, priors, 0.01, 0.45, 200), device)
-        n = sum(len(b) for b in model.detect_objects(locs, scores, priors, 0.01, 0.45, 200)[0])
+        t = timed(lambda: model.detect_objects(locs, scores, priors), device)
+        n = sum(len(b) for b in model.detect_objects(locs, scores, priors)[0])
         report("detect", f"detect_objects, {name}, batch {batch}", t / batch * 1e3, "ms/image",
                f"{n / batch:.0f} detections/image")
 
@@ -300,8 +303,46 @@ def section_eval(device, args):
                        "images/s", "untrained weights: many boxes reach NMS")
 
 
+@torch.no_grad()
+def detect_with_pytorch(net, x, dtype):
+    """An SSD300's detections in x (N x 3 x 300 x 300), in autocast `dtype` (None: fp32)."""
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+        return net.detect_objects(*net(x))
+
+
+def section_deploy(device, args):
+    if device.type != "cpu":
+        print("deploy: CPU only (onnxruntime's CPU provider); skipped")
+        return
+    import onnxruntime
+
+    import export
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = args.threads              # as many threads as PyTorch's
+    x = torch.randn(1, 3, 300, 300)
+    dtype, memory_format = utils.choose_precision("auto", device)
+    for name, backbone, width in BASES:
+        net = model.SSD300(21, backbone, width=width).eval()
+        t = timed(lambda: detect_with_pytorch(net, x, None), device, repeats=5)
+        report("deploy", f"{name}, PyTorch fp32, batch 1", t * 1e3, "ms/image", "network and decoding")
+
+        proto = export.export(net, {f"class {i}": i for i in range(21)}, export.DECODING)
+        session = onnxruntime.InferenceSession(proto.SerializeToString(), options,
+                                               providers=["CPUExecutionProvider"])
+        t = timed(lambda: session.run(None, {"images": x.numpy()}), device, repeats=5)
+        report("deploy", f"{name}, onnxruntime {onnxruntime.__version__} fp32, batch 1", t * 1e3,
+               "ms/image", "export.py's graph, decoding inside")
+
+        net = net.to(memory_format=memory_format)
+        x_fast = x.contiguous(memory_format=memory_format)
+        t = timed(lambda: detect_with_pytorch(net, x_fast, dtype), device, repeats=5)
+        report("deploy", f"{name}, PyTorch {utils.describe_precision(dtype, memory_format)}, batch 1",
+               t * 1e3, "ms/image", "what --amp auto picks")
+
+
 SECTIONS = dict(model=section_model, loss=section_loss, detect=section_detect,
-                transforms=section_transforms, map=section_map, train=section_train, eval=section_eval)
+                transforms=section_transforms, map=section_map, train=section_train, eval=section_eval,
+                deploy=section_deploy)
 
 
 def main(argv=None):

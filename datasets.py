@@ -25,7 +25,7 @@ from torchvision.ops import box_iou
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from model import IMAGE_SIZE
+from utils import IMAGE_SIZE
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # RGB, on 0-1 images
 IMAGENET_STD = (0.229, 0.224, 0.225)

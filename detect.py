@@ -1,20 +1,35 @@
-"""Draw a trained SSD300's detections on images.
+"""Draw a trained SSD300's detections on images and videos.
 
     python detect.py CHECKPOINT INPUTS... [--out detections/] [--min-score 0.2]
                      [--max-overlap 0.5] [--top-k 200] [--device auto] [--batch-size 8]
                      [--amp auto] [--channels-last]
+    python detect.py --onnx model.onnx INPUTS... [options]    # onnxruntime, no PyTorch model
+    python detect.py CHECKPOINT --camera 0 [--max-frames 300]  # a camera, until Ctrl-C
 
-INPUTS are image files, folders (every file inside with an image extension Pillow knows,
-sorted by name, not recursive) or glob patterns (expanded here too, so quoted patterns such as
-'photos/**/*.jpg' work). Images are taken in the frame a viewer shows, i.e. with their EXIF
-orientation applied, and transparent pixels are laid on white.
+INPUTS are image files, video files (by extension: .mp4, .avi, .mov, .mkv, ...), folders
+(every file inside with an image extension Pillow knows, sorted by name, not recursive) or glob
+patterns (expanded here too, so quoted patterns such as 'photos/**/*.jpg' work). Images are
+taken in the frame a viewer shows, i.e. with their EXIF orientation applied, and transparent
+pixels are laid on white.
 
 Writes to --out: <stem>.png per image (a repeated stem gets _2, _3, ... in input order), each
 box drawn with its class name and score in the class's colour, and detections.json, which
 maps each image path as given/expanded to a list of
     {"box": [x1, y1, x2, y2], "label": name, "label_index": int, "score": float}
 with boxes in pixels of the displayed image. A file that cannot be read is reported on
-stderr and skipped. Exit status: 0 if at least one image was processed, 1 otherwise.
+stderr and skipped. Exit status: 0 if at least one image or video was processed, 1 otherwise.
+
+Videos and cameras (--camera N; needs the opencv-python-headless package): <stem>.mp4 (or
+camera<N>.mp4), every frame drawn as above, and <stem>.jsonl with one line per frame,
+    {"frame": index from 0, "time": seconds, "detections": [as in detections.json]}
+where time is index / the file's frame rate, or for a camera the seconds since its first
+frame. Ctrl-C (or --max-frames) ends a video early; what was processed is kept.
+
+--onnx runs a model written by export.py with onnxruntime instead of a checkpoint with
+PyTorch: the same detections, drawing and files. Its NMS threshold is fixed in the model
+(--max-overlap must match it or be left out) and it keeps scores above its export's
+--min-score (a --min-score below that is refused); --device, --amp and --channels-last do
+not apply.
 
 From Python (e.g. a notebook):
 
@@ -27,19 +42,22 @@ From Python (e.g. a notebook):
     draw_detections(image, boxes, labels, scores, checkpoint["config"]["label_map"]).show()
 """
 import argparse
+import functools
 import glob
+import importlib
 import json
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from datasets import DataError, load_image, to_model_input, to_rgb
-from model import DRAW_DECODING, load_checkpoint
-from utils import (HelpFormatter, add_precision_arguments, atomic_write, bounded, choose_precision,
-                   describe_precision, pick_device, writable_folder)
+from datasets import IMAGE_SIZE, DataError, load_image, to_model_input, to_rgb
+from utils import (DRAW_DECODING, HelpFormatter, add_precision_arguments, atomic_path, atomic_write,
+                   bounded, choose_precision, describe_precision, pick_device, writable_folder)
 
 # Box colours by class index (1 -> first entry, cycling after 20): saturated, mutually distinct.
 PALETTE = [
@@ -49,6 +67,25 @@ PALETTE = [
     (160, 20, 80), (60, 200, 255), (200, 120, 255), (0, 90, 40), (255, 90, 90),
 ]
 IMAGE_EXTENSIONS = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+# Containers OpenCV's FFmpeg backend reads; such inputs are taken as videos.
+VIDEO_EXTENSIONS = {".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".wmv", ".flv"}
+# Optional packages by module name: what to install.
+OPTIONAL_PACKAGES = {"cv2": "opencv-python-headless", "onnx": "onnx", "onnxruntime": "onnxruntime"}
+
+
+def import_optional(module, needed_by):
+    """Import an optional dependency, or raise ImportError saying which package to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        package = OPTIONAL_PACKAGES[module]
+        raise ImportError(f"{needed_by} needs the {package} package: pip install {package}") from error
+
+
+def load_checkpoint(path, device):
+    """model.load_checkpoint, imported only here: the ONNX path never loads the network code."""
+    import model
+    return model.load_checkpoint(path, device)
 
 
 # ----------------------------------------------------------------------------------------
@@ -74,8 +111,9 @@ def find_images(inputs):
     return list(dict.fromkeys(files)), problems
 
 
-def output_names(paths):
-    """path -> '<stem>.png', distinct (ignoring case): repeated stems get _2, _3, ... in order."""
+def output_stems(paths):
+    """path -> output file name without extension, distinct (ignoring case): repeated stems get
+    _2, _3, ... in order."""
     names, used = {}, set()
     for path in paths:
         name, n = path.stem, 1
@@ -83,13 +121,33 @@ def output_names(paths):
             n += 1
             name = f"{path.stem}_{n}"
         used.add(name.lower())
-        names[path] = name + ".png"
+        names[path] = name
     return names
+
+
+def is_video(path):
+    return path.suffix.lower() in VIDEO_EXTENSIONS
 
 
 # ----------------------------------------------------------------------------------------
 # Detection
 # ----------------------------------------------------------------------------------------
+
+def model_input(images):
+    """PIL images -> their normalised N x 3 x 300 x 300 float32 batch."""
+    return torch.stack([to_model_input(to_rgb(image)) for image in images])
+
+
+def in_pixels(images, boxes, labels, scores):
+    """Per-image detections with fractional boxes (lists of k x 4, k, k tensors) -> per image
+    (boxes k x 4 float32 pixels of that image, labels k int64, scores k float32), on the CPU."""
+    results = []
+    for image, b, l, s in zip(images, boxes, labels, scores):
+        w, h = image.size
+        scale = torch.tensor([w, h, w, h], dtype=torch.float32)
+        results.append((b.float().cpu() * scale, l.cpu(), s.float().cpu()))
+    return results
+
 
 @torch.inference_mode()
 def detect_batch(net, images, min_score=DRAW_DECODING.min_score,
@@ -108,18 +166,12 @@ def detect_batch(net, images, min_score=DRAW_DECODING.min_score,
     weight = next(net.parameters())
     device = weight.device
     dtype, _ = choose_precision(amp, device)
-    x = torch.stack([to_model_input(to_rgb(image)) for image in images]).to(device)  # N x 3 x 300 x 300
+    x = model_input(images).to(device)
     if weight.dim() == 4 and weight.is_contiguous(memory_format=torch.channels_last):
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         locs, class_scores = net(x)                        # N x 8732 x 4, N x 8732 x C
-    boxes, labels, scores = net.detect_objects(locs, class_scores, min_score, max_overlap, top_k)
-    results = []
-    for image, b, l, s in zip(images, boxes, labels, scores):
-        w, h = image.size
-        scale = torch.tensor([w, h, w, h], dtype=torch.float32)
-        results.append((b.float().cpu() * scale, l.cpu(), s.float().cpu()))
-    return results
+    return in_pixels(images, *net.detect_objects(locs, class_scores, min_score, max_overlap, top_k))
 
 
 def detect(net, image, min_score=DRAW_DECODING.min_score, max_overlap=DRAW_DECODING.max_overlap,
@@ -130,6 +182,59 @@ def detect(net, image, min_score=DRAW_DECODING.min_score, max_overlap=DRAW_DECOD
     file's displayed (EXIF-rotated) frame.
     """
     return detect_batch(net, [image], min_score, max_overlap, top_k, amp)[0]
+
+
+class OnnxDetector:
+    """An SSD300 written by export.py (decoding inside), run by onnxruntime on the CPU.
+
+    Raises FileNotFoundError or ValueError, naming the file, for a missing file, a file that
+    is not an ONNX model, one without its decoding (--no-postprocess) or with another input size.
+    """
+
+    def __init__(self, path):
+        ort = import_optional("onnxruntime", "--onnx")
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"ONNX model {path} does not exist")
+        try:
+            self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as error:          # onnxruntime's own exception types
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ValueError(f"{path} is not an ONNX model onnxruntime can load ({reason})") from error
+        metadata = self.session.get_modelmeta().custom_metadata_map
+        try:
+            self.label_map = json.loads(metadata["label_map"])
+            self.decoding = json.loads(metadata["decoding"])
+        except (KeyError, ValueError):
+            raise ValueError(f"{path} was not written by export.py (its metadata lack the label "
+                             "map and decoding settings)") from None
+        if self.decoding is None:
+            raise ValueError(f"{path} holds only the network's raw heads (export.py "
+                             "--no-postprocess); detect.py needs a model exported with its decoding")
+        shape = self.session.get_inputs()[0].shape
+        if list(shape[1:]) != [3, IMAGE_SIZE, IMAGE_SIZE]:
+            raise ValueError(f"{path} takes images of shape {shape}, not N x 3 x {IMAGE_SIZE} x {IMAGE_SIZE}")
+        self.path = path
+
+    def check_settings(self, min_score, max_overlap):
+        """ValueError unless the model can give detections at these thresholds."""
+        baked = self.decoding
+        if max_overlap is not None and max_overlap != baked["max_overlap"]:
+            raise ValueError(f"{self.path} does its NMS at IoU {baked['max_overlap']}, not "
+                             f"{max_overlap}: leave out --max-overlap, or export again with it")
+        if min_score < baked["min_score"]:
+            raise ValueError(f"{self.path} keeps only scores above {baked['min_score']}: use a "
+                             f"--min-score of at least that, or export again with a lower one")
+
+    def detect_batch(self, images, min_score, top_k):
+        """As detect_batch for PyTorch: per image (boxes k x 4 pixels, labels k, scores k), best
+        first; at most the model's own top-k. Scores above min_score, as NMS only lets a box
+        suppress lower-scoring ones: the same detections as decoding at min_score itself."""
+        if not images:
+            return []
+        outputs = self.session.run(None, {"images": model_input(images).numpy()})
+        boxes, labels, scores = (torch.from_numpy(output) for output in outputs)   # N x K (x 4)
+        keep = [(s > min_score).nonzero().squeeze(1)[:top_k] for s in scores]     # best first
+        return in_pixels(images, *([t[k] for t, k in zip(tensors, keep)] for tensors in (boxes, labels, scores)))
 
 
 def class_names(label_map):
@@ -207,20 +312,57 @@ def draw_detections(image, boxes, labels, scores, names):
 # ----------------------------------------------------------------------------------------
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("checkpoint", help="checkpoint written by train.py")
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image file, folder or glob pattern")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=HelpFormatter,
+        usage="%(prog)s (CHECKPOINT | --onnx MODEL) [INPUT ...] [--camera N] [options]")
+    p.add_argument("paths", nargs="*", metavar="CHECKPOINT INPUT",
+                   help="checkpoint written by train.py (unless --onnx), then image files, video "
+                        "files, folders or glob patterns")
+    p.add_argument("--onnx", type=Path, help="run this model written by export.py with onnxruntime "
+                                             "instead of a checkpoint")
+    p.add_argument("--camera", type=bounded(int, 0), metavar="N", help="also read camera N (0: the first)")
+    p.add_argument("--max-frames", type=bounded(int, 1),
+                   help="stop each video and the camera after this many frames")
     p.add_argument("--out", type=Path, default=Path("detections"), help="output folder")
     p.add_argument("--min-score", type=bounded(float, 0, below=1), default=DRAW_DECODING.min_score,
                    help="minimum class score")
     p.add_argument("--max-overlap", type=bounded(float, above=0, high=1),
-                   default=DRAW_DECODING.max_overlap, help="NMS IoU threshold")
+                   help=f"NMS IoU threshold (default: {DRAW_DECODING.max_overlap}; with --onnx, "
+                        "the model's)")
     p.add_argument("--top-k", type=bounded(int, 1), default=DRAW_DECODING.top_k,
                    help="most detections per image")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:1, ...")
     p.add_argument("--batch-size", type=bounded(int, 1), default=8, help="images per forward pass")
     add_precision_arguments(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.checkpoint = None if args.onnx else (args.paths[0] if args.paths else None)
+    args.inputs = args.paths if args.onnx else args.paths[1:]
+    if args.checkpoint is None and not args.onnx:
+        p.error("give a CHECKPOINT or --onnx MODEL")
+    if not args.inputs and args.camera is None:
+        p.error("give at least one INPUT, or --camera N")
+    return args
+
+
+def load_detector(args):
+    """The detector the options ask for: (function from a list of PIL images to their
+    detections as detect_batch returns them, class names by index). Raises
+    FileNotFoundError, ValueError or ImportError with a message for the user."""
+    if args.onnx:
+        detector = OnnxDetector(args.onnx)
+        detector.check_settings(args.min_score, args.max_overlap)
+        print(f"onnxruntime: {args.onnx}, NMS at IoU {detector.decoding['max_overlap']}", file=sys.stderr)
+        run = functools.partial(detector.detect_batch, min_score=args.min_score, top_k=args.top_k)
+        return run, class_names(detector.label_map)
+    net, checkpoint = load_checkpoint(args.checkpoint, pick_device(args.device))
+    dtype, memory_format = choose_precision(args.amp, next(net.parameters()).device,
+                                            args.channels_last)
+    print(f"precision: {describe_precision(dtype, memory_format)}", file=sys.stderr)
+    net = net.to(memory_format=memory_format)
+    max_overlap = DRAW_DECODING.max_overlap if args.max_overlap is None else args.max_overlap
+    run = functools.partial(detect_batch, net, min_score=args.min_score, max_overlap=max_overlap,
+                            top_k=args.top_k, amp=args.amp)
+    return run, class_names(checkpoint["config"]["label_map"])
 
 
 def main(argv=None):
@@ -228,34 +370,47 @@ def main(argv=None):
     paths, problems = find_images(args.inputs)
     for problem in problems:
         print(problem, file=sys.stderr)
-    if not paths:
-        print("error: no images to process", file=sys.stderr)
+    videos = [path for path in paths if is_video(path)]
+    images = [path for path in paths if not is_video(path)]
+    if not paths and args.camera is None:
+        print("error: no images or videos to process", file=sys.stderr)
         return 1
     try:
-        net, checkpoint = load_checkpoint(args.checkpoint, pick_device(args.device))
+        if videos or args.camera is not None:
+            import_optional("cv2", "video input")
+        run, names = load_detector(args)
         writable_folder(args.out)
-    except (FileNotFoundError, ValueError, OSError) as error:
+    except (FileNotFoundError, ValueError, ImportError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    dtype, memory_format = choose_precision(args.amp, next(net.parameters()).device,
-                                            args.channels_last)
-    print(f"precision: {describe_precision(dtype, memory_format)}", file=sys.stderr)
-    net = net.to(memory_format=memory_format)
-    names = class_names(checkpoint["config"]["label_map"])
+    camera = [] if args.camera is None else [Path(f"camera{args.camera}")]
+    stems = output_stems(images + videos + camera)
+    processed = 0
     try:
-        results = detect_and_draw(net, paths, names, args)
-        write_json(results, args.out / "detections.json")
+        if images:
+            results = detect_and_draw(run, images, stems, names, args)
+            write_json(results, args.out / "detections.json")
+            processed += len(results)
+        for source, key in [(path, path) for path in videos] + [(args.camera, path) for path in camera]:
+            try:
+                frames = detect_in_video(run, source, args.out / stems[key], names, args)
+            except DataError as error:
+                print(error, file=sys.stderr)
+                continue
+            print(f"{key}: {frames} frames, drawn in {stems[key]}.mp4, detections in {stems[key]}.jsonl",
+                  file=sys.stderr)
+            processed += 1
     except OSError as error:                            # e.g. a full disk
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print(f"{len(results)} of {len(paths)} images processed; annotated images and detections.json "
-          f"in {args.out}", file=sys.stderr)
-    return 0 if results else 1
+    print(f"{processed} of {len(paths) + len(camera)} inputs processed; results in {args.out}",
+          file=sys.stderr)
+    return 0 if processed else 1
 
 
-def detect_and_draw(net, paths, names, args):
-    """Detect in `paths` batch by batch and save each annotated image: {path: detections}."""
-    out_names = output_names(paths)
+def detect_and_draw(run, paths, stems, names, args):
+    """Detect in the images `paths` batch by batch with `run` (see load_detector) and save each
+    annotated image as <stem>.png: {path: detections}."""
     results = {}
     with tqdm(total=len(paths), unit="image", file=sys.stderr) as bar:
         for start in range(0, len(paths), args.batch_size):
@@ -266,15 +421,88 @@ def detect_and_draw(net, paths, names, args):
                 except DataError as error:
                     tqdm.write(str(error), file=sys.stderr)
                     bar.update()
-            images = [image for _, image in batch]
-            detections = detect_batch(net, images, args.min_score, args.max_overlap, args.top_k,
-                                      args.amp)
+            detections = run([image for _, image in batch])
             for (path, image), (boxes, labels, scores) in zip(batch, detections):
-                with atomic_write(args.out / out_names[path], "wb") as f:
+                with atomic_write(args.out / f"{stems[path]}.png", "wb") as f:
                     draw_detections(image, boxes, labels, scores, names).save(f, format="PNG")
                 results[str(path)] = detections_to_json(boxes, labels, scores, names)
                 bar.update()
     return results
+
+
+# ----------------------------------------------------------------------------------------
+# Videos and cameras
+# ----------------------------------------------------------------------------------------
+
+def frame_batches(capture, batch_size, max_frames=None):
+    """The frames of an OpenCV capture in lists of up to batch_size (PIL RGB image, monotonic
+    time it was read), at most max_frames in all (None: to the end)."""
+    cv2 = import_optional("cv2", "video input")
+    count = 0
+    while max_frames is None or count < max_frames:
+        batch = []
+        while len(batch) < batch_size and (max_frames is None or count < max_frames):
+            ok, frame = capture.read()                   # H x W x 3 uint8, BGR
+            if not ok:
+                break
+            batch.append((Image.fromarray(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)), time.monotonic()))
+            count += 1
+        if not batch:
+            return
+        yield batch
+
+
+def detect_in_video(run, source, out_stem, names, args):
+    """Detect in every frame of `source` (a video file's Path, or a camera index) with `run`
+    (see load_detector), writing <out_stem>.mp4 (the frames drawn) and <out_stem>.jsonl (one
+    record per frame).
+
+    Ends at the video's end, after --max-frames, or at Ctrl-C, keeping what was processed.
+    Returns the number of frames; raises DataError if the source gives none.
+    """
+    cv2 = import_optional("cv2", "video input")
+    is_camera = isinstance(source, int)
+    label = f"camera {source}" if is_camera else str(source)
+    capture = cv2.VideoCapture(source if is_camera else str(source))
+    if not capture.isOpened():
+        raise DataError(f"cannot open camera {source}" if is_camera else f"{label}: cannot read video")
+    # Cameras often report no frame rate or count: then 30 frames/s for the output file, and no total.
+    fps = capture.get(cv2.CAP_PROP_FPS) or 30.0
+    total = None if is_camera else int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) or None
+    if args.max_frames:
+        total = min(total or args.max_frames, args.max_frames)
+    index, started, writer = 0, time.monotonic(), None
+    try:
+        with atomic_path(out_stem.with_suffix(".mp4")) as video_file, \
+                atomic_write(out_stem.with_suffix(".jsonl")) as log, \
+                tqdm(total=total, unit="frame", desc=label, file=sys.stderr) as bar:
+            try:
+                for batch in frame_batches(capture, args.batch_size, args.max_frames):
+                    frames = [frame for frame, _ in batch]
+                    if writer is None:
+                        writer = cv2.VideoWriter(video_file, cv2.VideoWriter_fourcc(*"mp4v"), fps,
+                                                 frames[0].size)
+                        if not writer.isOpened():
+                            raise OSError(f"OpenCV cannot encode {out_stem.with_suffix('.mp4')} (mp4v)")
+                    for (frame, read_at), (boxes, labels, scores) in zip(batch, run(frames)):
+                        drawn = draw_detections(frame, boxes, labels, scores, names)
+                        writer.write(cv2.cvtColor(np.asarray(drawn), cv2.COLOR_RGB2BGR))
+                        seconds = read_at - started if is_camera else index / fps
+                        log.write(json.dumps({"frame": index, "time": round(seconds, 4),
+                                              "detections": detections_to_json(boxes, labels, scores, names)})
+                                  + "\n")
+                        index += 1
+                        bar.update()
+            except KeyboardInterrupt:
+                tqdm.write(f"{label}: interrupted after {index} frames", file=sys.stderr)
+            finally:
+                if writer is not None:
+                    writer.release()                     # completes the file before it is renamed
+            if index == 0:
+                raise DataError(f"{label}: cannot read video (no frames)")
+    finally:
+        capture.release()
+    return index
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ import torch
 from tqdm import tqdm
 
 from datasets import DataError, PascalVOCDataset, check_same_classes, collate_fn
-from model import EVAL_DECODING, load_checkpoint
-from utils import (HelpFormatter, add_precision_arguments, atomic_write_json, bounded,
+from model import load_checkpoint
+from utils import (EVAL_DECODING, HelpFormatter, add_precision_arguments, atomic_write_json, bounded,
                    choose_precision, describe_precision, mean_average_precision, pick_device,
                    precision_recall_curves, save_figure, writable_folder)
 

@@ -9,7 +9,6 @@
 import math
 import os
 from collections import OrderedDict
-from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -18,7 +17,7 @@ import torchvision
 from torchvision.models.resnet import BasicBlock
 from torchvision.ops import FrozenBatchNorm2d, box_iou
 
-from utils import cxcy_to_xy, decode, encode, greedy_nms, xy_to_cxcy
+from utils import EVAL_DECODING, IMAGE_SIZE, cxcy_to_xy, decode, encode, greedy_nms, xy_to_cxcy
 
 # The six prediction maps: (name, side of the square feature map, extra aspect ratios).
 # Each location has a square prior of the map's min size, a square of sqrt(min * max),
@@ -36,22 +35,6 @@ FEATURE_MAPS = [
 # rounded to whole pixels the way the released ssd_pascal.py does).
 MIN_SIZES = [30, 60, 111, 162, 213, 264]
 MAX_SIZES = [60, 111, 162, 213, 264, 315]
-IMAGE_SIZE = 300   # the input side, in pixels
-
-
-class Decoding(NamedTuple):
-    """How predictions become detections (see detect_objects)."""
-    min_score: float         # class score threshold
-    max_overlap: float       # NMS IoU threshold, per class
-    top_k: int               # detections kept per image
-    per_class_top_k: int = 400   # candidates per class before NMS
-
-
-# The paper's evaluation settings (Caffe's ssd_pascal.py test: confidence_threshold 0.01,
-# nms_threshold 0.45, top_k 400, keep_top_k 200): the ones VOC mAP is reported with.
-EVAL_DECODING = Decoding(0.01, 0.45, 200)
-# detect.py's pictures: fewer, surer boxes.
-DRAW_DECODING = Decoding(0.2, 0.5, 200)
 
 # VGG16 convolutions, block by block (torchvision's `features` holds them in this order).
 VGG16_BLOCKS = [[64, 64], [128, 128], [256, 256, 256], [512, 512, 512], [512, 512, 512]]
@@ -583,6 +566,18 @@ class MultiBoxLoss(nn.Module):
 # Detection
 # ----------------------------------------------------------------------------------------
 
+def decode_predictions(pred_locs, pred_scores, priors_cxcy):
+    """The heads' outputs as boxes and class probabilities, in float32.
+
+    pred_locs: N x P x 4 offsets, pred_scores: N x P x C logits (class 0 the background).
+    Returns (boxes N x P x 4 fractional corners clamped to [0, 1], probabilities of the
+    object classes N x (C-1) x P). Traceable: export.py puts it inside the ONNX graph.
+    """
+    boxes = cxcy_to_xy(decode(pred_locs.float(), priors_cxcy)).clamp(0, 1)
+    probs = F.softmax(pred_scores.float(), dim=2)[:, :, 1:].transpose(1, 2)
+    return boxes, probs
+
+
 def detect_objects(pred_locs, pred_scores, priors_cxcy, min_score=EVAL_DECODING.min_score,
                    max_overlap=EVAL_DECODING.max_overlap, top_k=EVAL_DECODING.top_k,
                    per_class_top_k=EVAL_DECODING.per_class_top_k):
@@ -596,8 +591,7 @@ def detect_objects(pred_locs, pred_scores, priors_cxcy, min_score=EVAL_DECODING.
     [0, 1]), labels (k, 1..C-1) and scores (k).
     """
     N, P, C = pred_scores.shape
-    boxes = cxcy_to_xy(decode(pred_locs.float(), priors_cxcy)).clamp(0, 1)    # N x P x 4
-    probs = F.softmax(pred_scores.float(), dim=2)[:, :, 1:].transpose(1, 2)  # N x (C-1) x P
+    boxes, probs = decode_predictions(pred_locs, pred_scores, priors_cxcy)
     k = P if per_class_top_k is None else min(per_class_top_k, P)
     scores, prior = probs.topk(k, dim=2)                                     # N x (C-1) x k
     # Only as many candidates per (image, class) as the fullest one has above min_score.

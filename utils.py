@@ -16,6 +16,7 @@ import stat
 import tempfile
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torchvision.ops import box_convert
@@ -25,6 +26,23 @@ from torchvision.ops import box_convert
 # regression targets to roughly unit variance.
 CENTRE_VARIANCE = 0.1
 SIZE_VARIANCE = 0.2
+
+IMAGE_SIZE = 300   # SSD300's input side, in pixels
+
+
+class Decoding(NamedTuple):
+    """How predictions become detections (see detect_objects)."""
+    min_score: float         # class score threshold
+    max_overlap: float       # NMS IoU threshold, per class
+    top_k: int               # detections kept per image
+    per_class_top_k: int = 400   # candidates per class before NMS
+
+
+# The paper's evaluation settings (Caffe's ssd_pascal.py test: confidence_threshold 0.01,
+# nms_threshold 0.45, top_k 400, keep_top_k 200): the ones VOC mAP is reported with.
+EVAL_DECODING = Decoding(0.01, 0.45, 200)
+# detect.py's pictures: fewer, surer boxes.
+DRAW_DECODING = Decoding(0.2, 0.5, 200)
 
 
 def xy_to_cxcy(xy):
@@ -255,8 +273,10 @@ _UMASK = _current_umask()   # read once: os.umask can only be read by setting it
 
 
 @contextlib.contextmanager
-def atomic_write(path, mode="w"):
-    """Write through a temporary file beside `path`, renamed over it once complete.
+def atomic_path(path):
+    """A temporary path beside `path`, with its extension, renamed over `path` once the block
+    completes: for writers that take a file name and choose the format by its extension
+    (OpenCV's video writer).
 
     An exception or a full disk while writing leaves the previous file untouched and removes
     the temporary file (a kill -9 can leave one: remove_stale_temporaries); an OSError says
@@ -266,15 +286,13 @@ def atomic_write(path, mode="w"):
     folder = os.path.dirname(os.path.abspath(path))
     tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=folder)
+        fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=os.path.splitext(path)[1], dir=folder)
+        os.close(fd)
         try:
             os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
         except FileNotFoundError:
             os.chmod(tmp, 0o666 & ~_UMASK)
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"newline": ""})) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
         os.replace(tmp, path)
     except BaseException as e:
         if tmp is not None and os.path.exists(tmp):
@@ -283,6 +301,16 @@ def atomic_write(path, mode="w"):
             raise os_error(e.errno, f"could not save {path}: {e.strerror or e}; "
                                     "the previous file, if any, is unchanged") from e
         raise
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode="w"):
+    """Write through a temporary file beside `path`, renamed over it once complete (as
+    `atomic_path`), flushed to the disk first."""
+    with atomic_path(path) as tmp, open(tmp, mode, **({} if "b" in mode else {"newline": ""})) as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def writable_folder(folder, create=True):

@@ -1,0 +1,290 @@
+"""Export a trained SSD300 to ONNX, with its decoding and NMS inside the graph.
+
+    python export.py checkpoints/toy/checkpoint.pt --out toy.onnx
+    python export.py CHECKPOINT --out model.onnx [--min-score 0.01] [--max-overlap 0.45]
+                     [--top-k 200] [--per-class-top-k 400] [--check-images INPUT ...]
+    python export.py CHECKPOINT --out heads.onnx --no-postprocess
+
+The model's input is "images": a float32 batch N x 3 x 300 x 300, normalised as
+datasets.to_model_input does (RGB, ImageNet mean and standard deviation); N is free, the
+300 x 300 fixed (onnxruntime rejects other sizes). Its outputs, for every image, are the
+--top-k best detections, highest score first, padded with zeros:
+
+    boxes   N x K x 4  float32  fractional corners x1, y1, x2, y2 in [0, 1] (times the
+                                image's width and height: pixels)
+    labels  N x K      int64    class index, 1..C-1; 0 marks padding
+    scores  N x K      float32  class probability; 0 marks padding
+
+Inside: the offsets decoded against the 8732 priors, softmax, per class the top
+--per-class-top-k scores above --min-score, NMS at IoU --max-overlap (ONNX's
+NonMaxSuppression), then the top --top-k of the image over all classes: the rules of
+model.detect_objects, with the paper's evaluation settings (utils.EVAL_DECODING) by default.
+detect.py --onnx keeps only scores above its own --min-score, so a model exported with a low
+--min-score serves any higher one; the NMS threshold is fixed at export.
+
+With --no-postprocess the outputs are the raw heads instead: "locs" N x 8732 x 4 offsets and
+"scores" N x 8732 x C logits, for runtimes that do their own decoding.
+
+The metadata (metadata_props) hold "label_map" (JSON, class name -> index) and "decoding"
+(JSON: the four settings above, or null for --no-postprocess).
+
+Before it reports success, the file is checked with onnx.checker and run by onnxruntime on a
+few images (--check-images, or three generated shapes images) next to the PyTorch model:
+the same labels, and boxes and scores within 1e-4 (of the image size, for boxes); otherwise
+the exit status is 1 and the file is left in place for inspection. Needs the onnx and
+onnxruntime packages.
+"""
+import argparse
+import io
+import json
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from datasets import DataError, load_image, make_shapes_dataset, to_model_input
+from detect import find_images, import_optional
+from model import decode_predictions, detect_objects, load_checkpoint
+from utils import EVAL_DECODING, HelpFormatter, atomic_write, bounded
+
+# The paper's evaluation settings (min_score, max_overlap, top_k, per_class_top_k).
+DECODING = EVAL_DECODING._asdict()
+# ONNX opset 17: NonMaxSuppression and everything else here, and old enough for most runtimes.
+OPSET = 17
+# Largest difference allowed between onnxruntime and PyTorch: scores, and boxes as a fraction
+# of the image size.
+TOLERANCE = 1e-4
+
+
+class NonMaxSuppression(torch.autograd.Function):
+    """ONNX's NonMaxSuppression operator, for the TorchScript exporter.
+
+    boxes: N x P x 4 corners, probs: N x C' x P. Per image and class: the boxes scoring above
+    score_threshold, greedily suppressed at IoU > iou_threshold, at most max_per_class of them.
+    Returns selected: M x 3 int64 (image, class, box index).
+
+    Only the exported operator computes this. In PyTorch, forward (run once, while tracing)
+    is a stand-in that suppresses nothing: the graph's later steps only need indices of this
+    form to be traced. (utils.greedy_nms, the real thing, cannot run inside a trace: its
+    data-dependent loop breaks the exporter's graph passes.)
+    """
+
+    @staticmethod
+    def forward(ctx, boxes, probs, max_per_class, iou_threshold, score_threshold):
+        return (probs > score_threshold).nonzero()
+
+    @staticmethod
+    def symbolic(g, boxes, probs, max_per_class, iou_threshold, score_threshold):
+        def constant(value, dtype):
+            return g.op("Constant", value_t=torch.tensor([value], dtype=dtype))
+        return g.op("NonMaxSuppression", boxes, probs, constant(max_per_class, torch.int64),
+                    constant(iou_threshold, torch.float32), constant(score_threshold, torch.float32))
+
+
+class DetectorWithDecoding(nn.Module):
+    """An SSD300 and its decoding as one traceable module: the graph export.py writes.
+
+    images N x 3 x 300 x 300 -> (boxes N x K x 4 fractional corners, labels N x K int64,
+    scores N x K), K = min(top_k, (C-1) x 8732), best first, padded with zeros (label 0).
+    """
+
+    def __init__(self, net, min_score, max_overlap, top_k, per_class_top_k):
+        super().__init__()
+        self.net = net
+        # Python ints, not the traced tensors' sizes: fixed in the graph.
+        self.n_priors, self.n_classes = net.priors_cxcy.size(0), net.n_classes - 1
+        self.min_score, self.max_overlap = min_score, max_overlap
+        self.top_k, self.per_class_top_k = top_k, per_class_top_k
+
+    def forward(self, images):
+        boxes, probs = decode_predictions(*self.net(images), self.net.priors_cxcy)
+        C, P = self.n_classes, self.n_priors
+        k = P if self.per_class_top_k is None else min(self.per_class_top_k, P)
+        if k < P:
+            # Caffe's pre-NMS cap: scores outside each class's top k become 0, under any threshold.
+            values, index = probs.topk(k, dim=2)
+            probs = torch.zeros_like(probs).scatter(2, index, values)
+        selected = NonMaxSuppression.apply(boxes, probs, k, self.max_overlap, self.min_score)
+        image, cls, prior = selected.unbind(1)
+        kept = torch.zeros_like(probs).index_put((image, cls, prior), probs[image, cls, prior])
+        scores, index = kept.flatten(1).topk(min(self.top_k, C * P), dim=1)     # N x K
+        labels, prior = index // P + 1, index % P
+        boxes = boxes.gather(1, prior.unsqueeze(2).expand(-1, -1, 4))
+        found = scores > 0
+        return boxes * found.unsqueeze(2), torch.where(found, labels, 0), scores
+
+
+# ----------------------------------------------------------------------------------------
+# Export and check
+# ----------------------------------------------------------------------------------------
+
+def export(net, label_map, decoding=None):
+    """The ONNX model (an onnx.ModelProto) of `net` (an SSD300 in eval mode, on the CPU):
+    with its decoding by the settings in `decoding` (a dict as DECODING), or its raw heads if
+    decoding is None. The label map and the settings go into its metadata.
+    """
+    onnx = import_optional("onnx", "export.py")
+    if decoding is None:
+        module, outputs = net, ["locs", "scores"]
+    else:
+        module, outputs = DetectorWithDecoding(net, **decoding), ["boxes", "labels", "scores"]
+    # Eval mode for the wrapper too: a module in training mode is traced with batch norm in
+    # training mode (batch statistics, and running statistics updated by the example batch).
+    module.eval()
+    example = torch.randn(2, 3, 300, 300)
+    buffer = io.BytesIO()
+    # dynamo=False, the TorchScript exporter: its autograd.Function symbolic emits ONNX's
+    # NonMaxSuppression (whose output size depends on the data) directly, where the default
+    # dynamo exporter would need the onnxscript package and a custom operator with its own
+    # translation for it.
+    with torch.no_grad(), warnings.catch_warnings():
+        # Known and harmless here: the exporter's deprecation (see above), the tracer's notes
+        # that sizes become constants (they are: 300 x 300, the class and prior counts), and
+        # advanced indexing's caveat about negative indices (NMS gives none).
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", "Exporting aten::index operator")
+        torch.onnx.export(module, (example,), buffer, dynamo=False, opset_version=OPSET,
+                          input_names=["images"], output_names=outputs,
+                          dynamic_axes={name: {0: "batch"} for name in ["images", *outputs]})
+    proto = onnx.load_from_string(buffer.getvalue())
+    for key, value in (("label_map", label_map), ("decoding", decoding)):
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, json.dumps(value)
+    onnx.checker.check_model(proto, full_check=True)
+    return proto
+
+
+def check_images(inputs, count=3):
+    """Normalised N x 3 x 300 x 300 inputs for the parity check: the images named by `inputs`
+    (files, folders, patterns, as detect.py takes them), or `count` generated shapes images."""
+    if inputs:
+        paths, problems = find_images(inputs)
+        if problems or not paths:
+            raise DataError("; ".join(problems) or "--check-images: no images")
+        return torch.stack([to_model_input(load_image(path, displayed=True)) for path in paths])
+    with tempfile.TemporaryDirectory() as tmp:
+        make_shapes_dataset(Path(tmp) / "shapes", n_trainval=0, n_test=count, seed=1)
+        return check_images([str(Path(tmp) / "shapes" / "JPEGImages")])
+
+
+def unpadded(boxes, labels, scores):
+    """One image's padded detections (K x 4, K, K arrays) without the padding (label 0)."""
+    real = labels > 0
+    return boxes[real], labels[real], scores[real]
+
+
+def compare_detections(expected, found):
+    """Largest differences between two sets of one image's detections, each (boxes k x 4,
+    labels k, scores k) numpy arrays: (max box difference, max score difference), or None if
+    they differ in number or labels.
+
+    Each expected detection, best first, is paired with the closest (largest of box and score
+    difference) unpaired one of its class: detections whose scores tie (or nearly: the two
+    runtimes round differently) may come in either order.
+    """
+    if sorted(expected[1].tolist()) != sorted(found[1].tolist()):
+        return None
+    worst_box, worst_score = 0.0, 0.0
+    free = np.ones(len(found[1]), dtype=bool)
+    for box, label, score in zip(*expected):
+        box_difference = np.abs(found[0] - box).max(axis=1)
+        score_difference = np.abs(found[2] - score)
+        distance = np.where(free & (found[1] == label), np.maximum(box_difference, score_difference), np.inf)
+        j = int(distance.argmin())
+        free[j] = False
+        worst_box, worst_score = max(worst_box, box_difference[j]), max(worst_score, score_difference[j])
+    return float(worst_box), float(worst_score)
+
+
+def label_counts(labels):
+    """{label: number of detections} of a labels array."""
+    return dict(zip(*(values.tolist() for values in np.unique(labels, return_counts=True))))
+
+
+def check_parity(net, session, images, decoding):
+    """Run `images` (N x 3 x 300 x 300) through the PyTorch `net` and the onnxruntime
+    `session`. Returns (the largest differences, {name: float}, and the number of
+    detections compared, 0 for raw heads); raises ValueError where they disagree."""
+    with torch.no_grad():
+        locs, logits = net(images)
+    outputs = session.run(None, {"images": images.numpy()})
+    if decoding is None:
+        differences = {"locs": float(np.abs(outputs[0] - locs.numpy()).max()),
+                       "scores": float(np.abs(outputs[1] - logits.numpy()).max())}
+        # Logits and offsets, unlike probabilities, are unbounded: relative to their size.
+        scale = max(1.0, float(logits.abs().max()), float(locs.abs().max()))
+        if max(differences.values()) > TOLERANCE * scale:
+            raise ValueError(f"onnxruntime's heads differ from PyTorch's by {differences}")
+        return differences, 0
+    expected = detect_objects(locs, logits, net.priors_cxcy, **decoding)
+    worst, count = {"boxes": 0.0, "scores": 0.0}, 0
+    for n, reference in enumerate(zip(*expected)):
+        reference = [t.numpy() for t in reference]
+        difference = compare_detections(reference, unpadded(*(o[n] for o in outputs)))
+        if difference is None:
+            raise ValueError(f"image {n}: onnxruntime and PyTorch find different detections "
+                             f"(per class: {label_counts(unpadded(*(o[n] for o in outputs))[1])} "
+                             f"against {label_counts(reference[1])})")
+        worst = {key: max(worst[key], value) for key, value in zip(worst, difference)}
+        count += len(reference[1])
+    if max(worst.values()) > TOLERANCE:
+        raise ValueError(f"onnxruntime's detections differ from PyTorch's by {worst} (boxes as "
+                         f"a fraction of the image size), more than {TOLERANCE}")
+    return worst, count
+
+
+# ----------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("checkpoint", help="checkpoint written by train.py")
+    p.add_argument("--out", type=Path, required=True, help="ONNX file to write")
+    p.add_argument("--no-postprocess", dest="postprocess", action="store_false",
+                   help="export only the network's raw heads (locs, scores) (default: the "
+                        "decoding and NMS too)")
+    p.add_argument("--min-score", type=bounded(float, 0, below=1), default=DECODING["min_score"],
+                   help="keep class scores above this")
+    p.add_argument("--max-overlap", type=bounded(float, above=0, high=1),
+                   default=DECODING["max_overlap"], help="NMS IoU threshold")
+    p.add_argument("--top-k", type=bounded(int, 1), default=DECODING["top_k"],
+                   help="detections per image")
+    p.add_argument("--per-class-top-k", type=bounded(int, 1), default=DECODING["per_class_top_k"],
+                   help="best scores per class that enter NMS")
+    p.add_argument("--check-images", nargs="+", metavar="INPUT",
+                   help="images for the comparison with PyTorch (files, folders, patterns; "
+                        "default: three generated shapes images)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    decoding = (dict(min_score=args.min_score, max_overlap=args.max_overlap, top_k=args.top_k,
+                     per_class_top_k=args.per_class_top_k) if args.postprocess else None)
+    try:
+        ort = import_optional("onnxruntime", "export.py")
+        net, checkpoint = load_checkpoint(args.checkpoint)
+        images = check_images(args.check_images)
+        proto = export(net, checkpoint["config"]["label_map"], decoding)
+        with atomic_write(args.out, "wb") as f:
+            f.write(proto.SerializeToString())
+        session = ort.InferenceSession(str(args.out), providers=["CPUExecutionProvider"])
+        differences, count = check_parity(net, session, images, decoding)
+    except (ImportError, FileNotFoundError, ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    what = (f"{count} detections on {len(images)} images" if decoding else f"raw heads of {len(images)} images")
+    print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB); onnx.checker passed; onnxruntime "
+          f"matches PyTorch on {what}, largest differences "
+          + ", ".join(f"{k} {v:.2g}" for k, v in differences.items()), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
