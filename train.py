@@ -641,7 +641,7 @@ def make_evaluator(config, device, dtype, memory_format):
         if not dist.is_initialized() or dist.get_rank() == 0:
             result = evaluate(net, test_set, device, batch_size=max(1, config["batch_size"]),
                               workers=config["workers"], amp_dtype=dtype,
-                              memory_format=memory_format)["mAP_07"]
+                              memory_format=memory_format, coco=False)["mAP_07"]
             tqdm.write(f"iteration-level test mAP (VOC07 11-point): {result:.4f}")
         if dist.is_initialized():
             dist.barrier()
