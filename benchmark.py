@@ -13,7 +13,11 @@ Sections:
               scores and for scores shaped like a trained model's
   transforms  training transform images/s in one process (JPEG decode included, 500x375), and
               DataLoader images/s with 2 workers
-  map         calculate_mAP at VOC2007-test size (4952 images, ~15k objects, 200 dets/image)
+  map         calculate_mAP at VOC2007-test size (4952 images, ~15k objects, 200 dets/image),
+              and utils.coco_metrics (faster-coco-eval) on the same input
+  coco        create_data_lists.py on a synthetic COCO-train2017-sized annotation file (118,287
+              images, 860,001 boxes, a 16-point polygon each), JSON reading included, no image
+              decoded (the image files exist, empty)
   train       training images/s at batch 8: both bases at full width and at the toy preset's,
               fp32 and bf16 + channels_last (CPU) or without and with AMP (CUDA)
   eval        evaluation images/s of eval.predict (data loading, network and decoding), both
@@ -27,6 +31,8 @@ Prints a Markdown table; figures in the README came from this script.
 import argparse
 import contextlib
 import io
+import json
+import random
 import statistics
 import tempfile
 import time
@@ -250,6 +256,52 @@ def section_map(device, args):
                   torch.device("cpu"), repeats=5, warmup=1)
         report("map", f"calculate_mAP, {'11-point' if use_07 else 'area'}", t, "s",
                f"4952 images, {n_objects} objects, 990,400 detections")
+    sizes = [(500, 375)] * len(inputs[4])
+    t = timed(lambda: utils.coco_metrics(*inputs, sizes, n_classes=21), torch.device("cpu"),
+              repeats=3, warmup=1)
+    report("map", "coco_metrics (faster-coco-eval)", t, "s", "the same input, boxes in pixels")
+
+
+def synthetic_coco(folder, n_images=118_287, n_boxes=860_001, n_categories=80, seed=0):
+    """A COCO-train2017-sized annotation file in `folder` (and its images, as empty files):
+    sizes, categories with non-contiguous ids, 1% crowd boxes, a polygon per box as in the real
+    file (whose reading it dominates). Returns (JSON path, image folder)."""
+    rng = random.Random(seed)
+    category_ids = [1 + 90 * c // n_categories for c in range(n_categories)]   # 1..90 with gaps
+    images_dir = Path(folder) / "images"
+    images_dir.mkdir()
+    images = [{"id": i * 3 + 1, "file_name": f"{i:012d}.jpg", "width": rng.randint(200, 640),
+               "height": rng.randint(200, 640), "license": 1, "date_captured": "2013-11-14 16:28:13"}
+              for i in range(n_images)]
+    for image in images:
+        (images_dir / image["file_name"]).touch()
+    annotations = []
+    for k in range(n_boxes):
+        image = images[rng.randrange(n_images)]
+        w, h = rng.uniform(1, image["width"] / 2), rng.uniform(1, image["height"] / 2)
+        x, y = rng.uniform(0, image["width"] - w), rng.uniform(0, image["height"] - h)
+        polygon = [round(v, 2) for _ in range(16) for v in (x + rng.uniform(0, w), y + rng.uniform(0, h))]
+        annotations.append({"segmentation": [polygon], "area": round(w * h * 0.6, 2), "iscrowd": int(rng.random() < 0.01),
+                            "image_id": image["id"], "bbox": [round(x, 2), round(y, 2), round(w, 2), round(h, 2)],
+                            "category_id": rng.choice(category_ids),
+                            "id": 1_000_000 + k})
+    categories = [{"supercategory": "thing", "id": i, "name": f"class {i}"} for i in category_ids]
+    path = Path(folder) / "instances_train.json"
+    path.write_text(json.dumps({"info": {}, "licenses": [], "images": images,
+                                "annotations": annotations, "categories": categories}))
+    return path, images_dir
+
+
+def section_coco(device, args):
+    with tempfile.TemporaryDirectory() as tmp:
+        path, images = synthetic_coco(tmp)
+        size_mb = path.stat().st_size / 1e6
+        start = time.perf_counter()
+        with contextlib.redirect_stdout(io.StringIO()):
+            create_data_lists.main(["--coco-train", str(path), str(images), "--test-fraction", "0.01",
+                                    "--output", str(Path(tmp) / "lists")])
+        report("coco", "create_data_lists.py --coco-train, COCO-train2017-sized", time.perf_counter() - start,
+               "s", f"118,287 images, 860,001 boxes, {size_mb:.0f} MB; target < 60 s")
 
 
 def section_train(device, args):
@@ -341,8 +393,8 @@ def section_deploy(device, args):
 
 
 SECTIONS = dict(model=section_model, loss=section_loss, detect=section_detect,
-                transforms=section_transforms, map=section_map, train=section_train, eval=section_eval,
-                deploy=section_deploy)
+                transforms=section_transforms, map=section_map, coco=section_coco, train=section_train,
+                eval=section_eval, deploy=section_deploy)
 
 
 def main(argv=None):

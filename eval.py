@@ -1,11 +1,14 @@
-"""Evaluate a trained SSD300 on the test list: PASCAL VOC mAP, per class, as the devkit computes it.
+"""Evaluate a trained SSD300 on the test list: PASCAL VOC mAP as the devkit computes it, and the COCO metrics.
 
     python eval.py checkpoints/ssd300_voc/checkpoint.pt
     python eval.py checkpoints/toy/checkpoint.pt --data-folder data/shapes_lists
 
 Decodes with the paper's evaluation settings (model.EVAL_DECODING: min score 0.01, NMS IoU
 0.45, top 200 per image), reports VOC07 11-point mAP (the paper's metric for VOC2007 test) and
-VOC2010+ area mAP, and writes results.json and pr_curves.png next to the checkpoint. Other
+VOC2010+ area mAP, and the COCO API's metrics (faster-coco-eval): AP@[.50:.95], AP50, AP75,
+AP for small, medium and large objects, AR@1/10/100, all per class and overall, on boxes in
+the pixels of each image (VOC's difficult objects count as COCO's crowd regions). It writes
+results.json and pr_curves.png next to the checkpoint. Other
 decoding settings need an --out folder of their own, so that they never replace those results.
 """
 import argparse
@@ -19,8 +22,8 @@ from tqdm import tqdm
 from datasets import DataError, PascalVOCDataset, check_same_classes, collate_fn
 from model import load_checkpoint
 from utils import (EVAL_DECODING, HelpFormatter, add_precision_arguments, atomic_write_json, bounded,
-                   choose_precision, describe_precision, mean_average_precision, pick_device,
-                   precision_recall_curves, save_figure, writable_folder)
+                   choose_precision, coco_metrics, describe_precision, mean_average_precision,
+                   pick_device, precision_recall_curves, save_figure, writable_folder)
 
 
 @torch.inference_mode()
@@ -56,11 +59,13 @@ def predict(net, dataset, device, batch_size=32, workers=2, amp_dtype=None,
 
 
 def evaluate(net, dataset, device, batch_size=32, workers=2, amp_dtype=None,
-             memory_format=torch.contiguous_format, progress=True, **decode):
-    """VOC07 11-point and VOC2010+ area mAP of `net` on `dataset` (kept difficult objects).
+             memory_format=torch.contiguous_format, progress=True, coco=True, **decode):
+    """VOC07 11-point and VOC2010+ area mAP of `net` on `dataset` (kept difficult objects),
+    and with coco=True the COCO metrics.
 
     Returns a dict: mAP_07, mAP, per-class aps_07 and aps (by class name), images_per_s,
-    and the precision-recall curves by class name.
+    the precision-recall curves by class name, and with coco=True coco ({metric: value},
+    utils.COCO_METRICS) and coco_per_class ({class name: {metric: value}}).
     """
     start = time.perf_counter()
     dets, truth = predict(net, dataset, device, batch_size, workers, amp_dtype, memory_format,
@@ -72,18 +77,47 @@ def evaluate(net, dataset, device, batch_size=32, workers=2, amp_dtype=None,
     curves = precision_recall_curves(*args)              # the matching runs once, here
     aps_07, mAP_07 = mean_average_precision(curves, use_07_metric=True)
     aps, mAP = mean_average_precision(curves, use_07_metric=False)
-    return dict(mAP_07=mAP_07, mAP=mAP, images_per_s=images_per_s,
-                aps_07={names[c]: ap for c, ap in aps_07.items()},
-                aps={names[c]: ap for c, ap in aps.items()},
-                curves={names[c]: curve for c, curve in curves.items()})
+    result = dict(mAP_07=mAP_07, mAP=mAP, images_per_s=images_per_s,
+                  aps_07={names[c]: ap for c, ap in aps_07.items()},
+                  aps={names[c]: ap for c, ap in aps.items()},
+                  curves={names[c]: curve for c, curve in curves.items()})
+    if coco:
+        overall, per_class = coco_metrics(*in_pixels(dets, dataset), net.n_classes)
+        result.update(coco=overall, coco_per_class={names[c]: m for c, m in per_class.items()})
+    return result
+
+
+def in_pixels(dets, dataset):
+    """coco_metrics' arguments but n_classes: the (fractional) detections scaled to the pixels
+    of their images, the objects as the lists hold them (pixels), and the image sizes."""
+    if any("size" not in objects for objects in dataset.objects):
+        raise DataError("the COCO metrics need each image's size, which lists written before "
+                        "create_data_lists.py recorded it lack: write the lists again")
+    sizes = [objects["size"] for objects in dataset.objects]
+    scales = torch.tensor(sizes, dtype=torch.float32).repeat(1, 2)      # (N, 4): w, h, w, h
+    boxes = [b * scale for b, scale in zip(dets["boxes"], scales)]
+    truth = [[torch.tensor(objects[key]) for objects in dataset.objects]
+             for key in ("boxes", "labels", "difficulties")]
+    truth[2] = [t.bool() for t in truth[2]]
+    return (boxes, dets["labels"], dets["scores"], *truth, sizes)
 
 
 def print_table(result):
-    width = max(len(name) for name in result["aps_07"]) if result["aps_07"] else 5
-    print(f"{'class':<{width}}  VOC07 AP   area AP")
-    for name in result["aps_07"]:
-        print(f"{name:<{width}}  {result['aps_07'][name]:8.4f}  {result['aps'][name]:8.4f}")
-    print(f"{'mean':<{width}}  {result['mAP_07']:8.4f}  {result['mAP']:8.4f}")
+    """Per class and overall: VOC07 and area AP, then the COCO metrics where computed;
+    '-' where a metric is undefined (no object of the class, or none of that size)."""
+    coco = result.get("coco_per_class", {})
+    names = list(coco) or list(result["aps_07"])
+    width = max(map(len, names + ["class"]))
+    metrics = list(next(iter(coco.values()), {}))
+
+    def row(name, voc07, area, values):
+        cells = [voc07, area] + [values.get(m) for m in metrics]
+        return f"{name:<{width}}" + "".join(
+            f"{'-' if v is None or v != v else f'{v:.4f}':>9}" for v in cells)
+    print(f"{'class':<{width}}" + "".join(f"{h:>9}" for h in ["VOC07 AP", "area AP"] + metrics))
+    for name in names:
+        print(row(name, result["aps_07"].get(name), result["aps"].get(name), coco.get(name, {})))
+    print(row("mean", result["mAP_07"], result["mAP"], result.get("coco", {})))
 
 
 def plot_pr_curves(curves, mAP_07, png):

@@ -659,6 +659,39 @@ def _load_failure(error):
     return lines[0] if lines else type(error).__name__
 
 
+def load_for_new_classes(net, model_state, label_map, source_label_map):
+    """Load a trained SSD300's weights (model_state, for the classes of source_label_map) into
+    `net`, an SSD300 of the same architecture for the classes of label_map (class -> index).
+
+    Every layer but the class-score convolutions is loaded as it is (base, L2Norm, auxiliary
+    convolutions, localisation heads, batch-norm statistics). A class-score convolution's
+    output channels are box-major (channel b * n_classes + c: the order flatten_predictions
+    reads), weight (B * n_classes, in, 3, 3) and bias (B * n_classes,): for each class whose
+    name both label maps share, background included, its B rows are copied from the source's
+    rows of that name; the other classes keep net's fresh initialisation.
+    Returns the shared class names, in label order. A ValueError if the layers differ.
+    """
+    shared = [name for name in label_map if name in source_label_map]
+    rows = torch.tensor([label_map[name] for name in shared], dtype=torch.long)
+    source_rows = torch.tensor([source_label_map[name] for name in shared], dtype=torch.long)
+    state = net.state_dict()
+    for key, value in model_state.items():
+        if key.startswith("pred_convs.cl.") and key in state:
+            target = state[key]
+            by_class = target.view(-1, len(label_map), *target.shape[1:])          # (B, C, ...)
+            source = value.view(-1, len(source_label_map), *value.shape[1:])       # (B, C', ...)
+            if by_class.shape[0] != source.shape[0] or by_class.shape[2:] != source.shape[2:]:
+                raise ValueError(f"{key}: {tuple(value.shape)} does not fit {tuple(target.shape)}")
+            by_class[:, rows] = source[:, source_rows]
+        else:
+            state[key] = value
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(str(e).splitlines()[0] + " " + " ".join(str(e).splitlines()[1:2])) from e
+    return shared
+
+
 def load_checkpoint(path, device="cpu"):
     """Rebuild the trained SSD300 from a checkpoint written by train.py.
 

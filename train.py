@@ -7,6 +7,8 @@ biases at twice the learning rate, batch 32, 120k iterations, lr x0.1 at 80k and
     python train.py --backbone resnet34 --data-folder data/voc_lists --out checkpoints/ssd300_r34_voc
     torchrun --nproc_per_node=4 train.py --data-folder data/voc_lists --out checkpoints/ssd300_voc
     python train.py --resume --out checkpoints/ssd300_voc         # continue the latest checkpoint
+    python train.py --init-from checkpoints/ssd300_voc/checkpoint.pt --data-folder data/lists \
+        --out checkpoints/mine                                     # fine-tune into other classes
     python train.py --preset toy --data-folder data/shapes_lists --out checkpoints/toy   # CPU
     python train.py --plot checkpoints/run_a checkpoints/run_b    # compare loss curves
 
@@ -29,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from datasets import CROP_POLICIES, DataError, PascalVOCDataset, check_same_classes, collate_fn
-from model import MultiBoxLoss, SSD300, read_checkpoint
+from model import MultiBoxLoss, SSD300, load_for_new_classes, read_checkpoint
 from utils import (HelpFormatter, add_precision_arguments, atomic_torch_save, atomic_write, bounded,
                    choose_precision, describe_precision, pick_device, remove_stale_temporaries,
                    save_figure)
@@ -113,6 +115,11 @@ def build_parser(suppress_defaults=False):
     run.add_argument("--out", default=d("checkpoints/ssd300"), help="run folder")
     run.add_argument("--resume", nargs="?", const="latest", default=d(None),
                      help="checkpoint to continue; alone: the run folder's checkpoint.pt")
+    run.add_argument("--init-from", metavar="CHECKPOINT", default=d(None),
+                     help="start from a trained checkpoint's weights, for this data's classes: "
+                          "base, auxiliary and localisation layers kept, class scores copied "
+                          "for the class names both share (background too), new for the others; "
+                          "the same --backbone, --width and --base-bn (default: the checkpoint's)")
     run.add_argument("--overwrite", action="store_true", default=d(False),
                      help="start again in a run folder that already holds a checkpoint")
     run.add_argument("--seed", type=int, default=d(0), help="initialisation, data order, augmentation")
@@ -138,7 +145,11 @@ def explicit_arguments(argv=None):
 
 def parse_config(argv=None):
     """Command line -> config dict: defaults < preset < explicit arguments."""
-    config = vars(build_parser().parse_args(argv))
+    parser = build_parser()
+    config = vars(parser.parse_args(argv))
+    if config["resume"] and config["init_from"]:
+        parser.error("--init-from starts a new run; --resume continues one (a run started with "
+                     "--init-from resumes without it)")
     if config["preset"]:
         config.update(PRESETS[config["preset"]])
         config.update(explicit_arguments(argv))
@@ -270,6 +281,23 @@ def load_resume_state(path, config, explicit):
     return state, saved
 
 
+def load_init_state(path, config):
+    """The checkpoint --init-from starts from; a ValueError if its network is not this run's
+    but for the classes. A base_bn left unset is the checkpoint's."""
+    state = read_checkpoint(path)
+    source = state["config"]
+    if config["base_bn"] is None:
+        config["base_bn"] = source.get("base_bn")
+    for key in ("backbone", "width", "base_bn"):
+        if config[key] != source.get(key):
+            option = "--" + key.replace("_", "-")
+            raise ValueError(f"{path} was trained with {key}={source.get(key)!r}, this run has "
+                             f"{config[key]!r}: --init-from keeps the network, so give "
+                             f"{option} {source.get(key)} (or the --preset it was trained with)")
+    config["pretrained"] = False              # its weights replace any ImageNet weights
+    return state
+
+
 def write_log(path, history):
     with atomic_write(path) as f:
         writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
@@ -385,7 +413,7 @@ def is_worker_death(error):
 class Trainer:
     """One training run: the data, the network and its optimiser, and the loop."""
 
-    def __init__(self, config, resume_state=None):
+    def __init__(self, config, resume_state=None, init_state=None):
         self.config = config
         self.rank, self.world, self.device = setup_distributed(config["device"])
         self.main_process = self.rank == 0
@@ -406,7 +434,7 @@ class Trainer:
         if self.main_process:
             print(f"precision: {config['precision']} on {self.device}")
         self._build_data()
-        self._build_model(resume_state)
+        self._build_model(resume_state, init_state)
 
     def _build_data(self):
         config = self.config
@@ -426,15 +454,23 @@ class Trainer:
             num_workers=config["workers"], pin_memory=self.device.type == "cuda", drop_last=True,
             persistent_workers=config["workers"] > 0, worker_init_fn=ignore_interrupts)
 
-    def _build_model(self, resume_state):
+    def _build_model(self, resume_state, init_state=None):
         config = self.config
-        if config.get("base_bn") == "frozen" and not config["pretrained"]:
+        if config.get("base_bn") == "frozen" and not config["pretrained"] and not config.get("init_from"):
             raise ValueError("--base-bn frozen needs pretrained weights: batch norm frozen at "
                              "its initial statistics would normalise nothing (use --base-bn train)")
         self.net = SSD300(config["n_classes"], config["backbone"], width=config["width"],
                           pretrained=config["pretrained"] if resume_state is None else False,
                           base_bn=config.get("base_bn"))   # absent from older checkpoints
         config["base_bn"] = self.net.config["base_bn"]        # the choice made, for --resume
+        if init_state is not None:
+            shared = load_for_new_classes(self.net, init_state["model"], config["label_map"],
+                                          init_state["config"]["label_map"])
+            if self.main_process:
+                new = [name for name in config["label_map"] if name not in shared]
+                print(f"initialised from {config['init_from']} (iteration {init_state.get('iteration')}): "
+                      f"class scores copied for {', '.join(shared) or 'none'}; new for "
+                      f"{', '.join(new) or 'none'}")
         self.net.to(self.device, memory_format=self.memory_format)
         self.criterion = MultiBoxLoss(self.net.priors_cxcy, loc_loss=config["loc_loss"])
         self.optimizer = make_optimizer(self.net, config)
@@ -641,7 +677,7 @@ def make_evaluator(config, device, dtype, memory_format):
         if not dist.is_initialized() or dist.get_rank() == 0:
             result = evaluate(net, test_set, device, batch_size=max(1, config["batch_size"]),
                               workers=config["workers"], amp_dtype=dtype,
-                              memory_format=memory_format)["mAP_07"]
+                              memory_format=memory_format, coco=False)["mAP_07"]
             tqdm.write(f"iteration-level test mAP (VOC07 11-point): {result:.4f}")
         if dist.is_initialized():
             dist.barrier()
@@ -674,12 +710,14 @@ def main(argv=None):
         print(f"wrote {config['plot_out']}")
         return 0
     try:
-        state = None
+        state = init = None
         if config["resume"]:
             state, config = load_resume_state(config["resume"], config, explicit_arguments(argv))
-        elif config["scale_lr"]:
-            apply_linear_scaling(config)
-        code = Trainer(config, state).run()
+        else:
+            init = load_init_state(config["init_from"], config) if config["init_from"] else None
+            if config["scale_lr"]:
+                apply_linear_scaling(config)
+        code = Trainer(config, state, init).run()
     except (DataError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         code = 2

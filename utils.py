@@ -9,6 +9,7 @@ does IoU and the corner <-> centre conversion, so we call it rather than write i
 import argparse
 import contextlib
 import errno
+import io
 import json
 import math
 import os
@@ -18,6 +19,7 @@ import warnings
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torchvision.ops import box_convert
 
@@ -524,3 +526,101 @@ def calculate_mAP(det_boxes, det_labels, det_scores, true_boxes, true_labels,
     curves = precision_recall_curves(det_boxes, det_labels, det_scores, true_boxes, true_labels,
                                      true_difficulties, n_classes)
     return mean_average_precision(curves, use_07_metric)
+
+
+# --------------------------------------------------------------------------------------
+# Detection evaluation: the COCO metrics, computed by the COCO API (faster-coco-eval).
+# --------------------------------------------------------------------------------------
+
+# What is reported, read from COCOeval's accumulated arrays as its summarize() reads them:
+# name -> (precision or recall, IoU threshold (None: the mean over 0.50:0.05:0.95), area
+# range index (all, small < 32^2, medium, large > 96^2 pixels), maxDets index (1, 10, 100)).
+COCO_METRICS = {"AP": ("precision", None, 0, 2), "AP50": ("precision", 0.5, 0, 2),
+                "AP75": ("precision", 0.75, 0, 2), "APs": ("precision", None, 1, 2),
+                "APm": ("precision", None, 2, 2), "APl": ("precision", None, 3, 2),
+                "AR1": ("recall", None, 0, 0), "AR10": ("recall", None, 0, 1),
+                "AR100": ("recall", None, 0, 2)}
+
+
+def coco_dataset(boxes, labels, scores, crowd, image_sizes, n_classes):
+    """A COCO-format dict (images, annotations, categories) of per-image pixel boxes.
+
+    boxes: per image (k, 4) x1, y1, x2, y2 pixels; labels (k,) in 1..n_classes-1; scores (k,)
+    (detections) or None (ground truth); crowd: per image (k,) bool or None (detections);
+    image_sizes: (width, height) per image. Images get ids 1..N in list order, categories
+    ids 1..n_classes-1 (the labels). Areas are box areas: COCO's own ground truth gives mask
+    areas, which only a segmentation has.
+    """
+    image_ids = _image_ids(labels) + 1
+    xywh = _cat(boxes, 4).double()
+    xywh[:, 2:] -= xywh[:, :2]
+    # numpy's tolist: 5x faster than torch's for a million rows
+    columns = [t.numpy().tolist() for t in (image_ids, _cat(labels).long(), xywh, xywh[:, 2] * xywh[:, 3])]
+    if scores is None:
+        extra, values = "iscrowd", _cat(crowd).long().numpy().tolist()
+    else:
+        extra, values = "score", _cat(scores).double().numpy().tolist()
+    # Dicts are what the COCO API reads; one comprehension over columns builds a million in ~2 s.
+    annotations = [{"id": i, "image_id": image, "category_id": label, "bbox": box, "area": area,
+                    extra: value}
+                   for i, (image, label, box, area, value) in enumerate(zip(*columns, values), start=1)]
+    return {"images": [{"id": i, "width": int(w), "height": int(h)}
+                       for i, (w, h) in enumerate(image_sizes, start=1)],
+            "annotations": annotations,
+            "categories": [{"id": c, "name": str(c)} for c in range(1, n_classes)]}
+
+
+def coco_api_objects(ground_truth, detections, COCO):
+    """COCO API objects from two coco_dataset dicts, for the `COCO` class of either library
+    (built from the dicts: loadRes would add a polygon to each of a million detections)."""
+    objects = []
+    for dataset in (ground_truth, detections):
+        api = COCO()
+        api.dataset = dataset
+        with contextlib.redirect_stdout(io.StringIO()):       # pycocotools prints progress
+            api.createIndex()
+        objects.append(api)
+    return objects
+
+
+def coco_summary(precision, recall, iou_thresholds, classes=slice(None)):
+    """The COCO_METRICS of COCOeval's accumulated `precision` (T, R, K, A, M) and `recall`
+    (T, K, A, M) arrays, for the category indices `classes` (default: all), as summarize()
+    computes them: the mean over the entries that are not -1 (-1: no object to find), nan
+    if there is none."""
+    values = {}
+    for name, (kind, iou, area, max_dets) in COCO_METRICS.items():
+        array = (precision if kind == "precision" else recall)[..., area, max_dets]
+        array = array[:, :, classes] if kind == "precision" else array[:, classes]
+        if iou is not None:
+            array = array[np.isclose(iou_thresholds, iou)]
+        valid = array[array > -1]
+        values[name] = float(valid.mean()) if valid.size else float("nan")
+    return values
+
+
+def coco_metrics(det_boxes, det_labels, det_scores, true_boxes, true_labels, true_crowd,
+                 image_sizes, n_classes):
+    """COCO detection metrics (COCO_METRICS), overall and per class, by faster-coco-eval.
+
+    Per-image lists as for `calculate_mAP`, but every box in pixels of its image (the area
+    ranges are in pixels); true_crowd: crowd regions (VOC's difficult objects), which a
+    detection may overlap without counting as a false positive, and which no detection has
+    to find. image_sizes: (width, height) per image.
+    Returns (overall, per_class): {metric: value} and {class: {metric: value}} for classes
+    1..n_classes-1, nan where there is nothing to find (no object, or none of that size).
+    """
+    from faster_coco_eval import COCO, COCOeval_faster
+    truth = coco_dataset(true_boxes, true_labels, None, true_crowd, image_sizes, n_classes)
+    found = coco_dataset(det_boxes, det_labels, det_scores, None, image_sizes, n_classes)
+    found["images"], found["categories"] = truth["images"], truth["categories"]
+    evaluator = COCOeval_faster(*coco_api_objects(truth, found, COCO), "bbox",
+                                print_function=lambda *args: None,
+                                separate_eval=True)   # the same results, 2-3x faster
+    evaluator.evaluate()
+    evaluator.accumulate()
+    precision, recall = evaluator.eval["precision"], evaluator.eval["recall"]
+    thresholds = evaluator.params.iouThrs
+    per_class = {int(c): coco_summary(precision, recall, thresholds, [k])
+                 for k, c in enumerate(evaluator.params.catIds)}
+    return coco_summary(precision, recall, thresholds), per_class
