@@ -80,7 +80,7 @@ def test_training_lowers_loss_and_raises_map(shapes_lists, tmp_path):
     before = evaluation.evaluate(untrained, test_set, torch.device("cpu"), workers=0, progress=False)
     args = ["--preset", "toy", "--data-folder", str(shapes_lists), "--out", str(tmp_path),
             "--iterations", "200", "--lr-steps", "200", "--warmup", "20", "--print-every", "20",
-            "--workers", "1", "--eval-every", "200", "--amp", "off"]
+            "--workers", "0", "--eval-every", "200", "--amp", "off"]
     assert train.main(args) == 0
     net, checkpoint = model.load_checkpoint(tmp_path / "checkpoint.pt")
     after = evaluation.evaluate(net, test_set, torch.device("cpu"), workers=0, progress=False)
