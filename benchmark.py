@@ -14,7 +14,7 @@ Sections:
   transforms  training transform images/s in one process (JPEG decode included, 500x375), and
               DataLoader images/s with 2 workers
   map         calculate_mAP at VOC2007-test size (4952 images, ~15k objects, 200 dets/image),
-              and utils.coco_metrics (faster-coco-eval) on the same input
+              and metrics.coco_metrics (faster-coco-eval) on the same input
   coco        create_data_lists.py on a synthetic COCO-train2017-sized annotation file (118,287
               images, 860,001 boxes, a 16-point polygon each), JSON reading included, no image
               decoded (the image files exist, empty)
@@ -45,7 +45,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import create_data_lists
 import datasets
+import metrics
 import model
+import shapes
 import train
 import utils
 from eval import predict
@@ -192,7 +194,7 @@ def section_transforms(device, args):
 
 def shapes_lists(root, n_trainval, n_test, size=None):
     """A shapes dataset under root/voc (rescaled to `size` if given) and its lists, quietly."""
-    datasets.make_shapes_dataset(root / "voc", n_trainval=n_trainval, n_test=n_test, seed=1)
+    shapes.make_shapes_dataset(root / "voc", n_trainval=n_trainval, n_test=n_test, seed=1)
     if size:
         resize_voc_layout(root / "voc", size)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
@@ -252,12 +254,12 @@ def section_map(device, args):
     inputs = voc_sized_map_input()
     n_objects = sum(len(t) for t in inputs[4])
     for use_07 in (True, False):
-        t = timed(lambda: utils.calculate_mAP(*inputs, n_classes=21, use_07_metric=use_07),
+        t = timed(lambda: metrics.calculate_mAP(*inputs, n_classes=21, use_07_metric=use_07),
                   torch.device("cpu"), repeats=5, warmup=1)
         report("map", f"calculate_mAP, {'11-point' if use_07 else 'area'}", t, "s",
                f"4952 images, {n_objects} objects, 990,400 detections")
     sizes = [(500, 375)] * len(inputs[4])
-    t = timed(lambda: utils.coco_metrics(*inputs, sizes, n_classes=21), torch.device("cpu"),
+    t = timed(lambda: metrics.coco_metrics(*inputs, sizes, n_classes=21), torch.device("cpu"),
               repeats=3, warmup=1)
     report("map", "coco_metrics (faster-coco-eval)", t, "s", "the same input, boxes in pixels")
 

@@ -39,8 +39,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from datasets import (SHAPE_CLASSES, DataError, exif_rotated_size, load_image, make_shapes_dataset,
-                      uses_exif_frame)
+from datasets import DataError, exif_rotated_size, load_image, uses_exif_frame
+from shapes import SHAPE_CLASSES, make_shapes_dataset
 from utils import atomic_write_json, bounded, writable_folder
 
 VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",

@@ -20,10 +20,10 @@ import torch
 from tqdm import tqdm
 
 from datasets import DataError, PascalVOCDataset, check_same_classes, collate_fn
+from metrics import coco_metrics, mean_average_precision, precision_recall_curves
 from model import load_checkpoint
 from utils import (EVAL_DECODING, HelpFormatter, add_precision_arguments, atomic_write_json, bounded,
-                   choose_precision, coco_metrics, describe_precision, mean_average_precision,
-                   pick_device, precision_recall_curves, save_figure, writable_folder)
+                   choose_precision, describe_precision, pick_device, save_figure, writable_folder)
 
 
 @torch.inference_mode()
@@ -65,7 +65,7 @@ def evaluate(net, dataset, device, batch_size=32, workers=2, amp_dtype=None,
 
     Returns a dict: mAP_07, mAP, per-class aps_07 and aps (by class name), images_per_s,
     the precision-recall curves by class name, and with coco=True coco ({metric: value},
-    utils.COCO_METRICS) and coco_per_class ({class name: {metric: value}}).
+    metrics.COCO_METRICS) and coco_per_class ({class name: {metric: value}}).
     """
     start = time.perf_counter()
     dets, truth = predict(net, dataset, device, batch_size, workers, amp_dtype, memory_format,

@@ -46,7 +46,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from datasets import DataError, load_image, make_shapes_dataset, to_model_input
+from datasets import DataError, load_image, to_model_input
+from shapes import make_shapes_dataset
 from detect import find_images, import_optional
 from model import decode_predictions, detect_objects, load_checkpoint
 from utils import EVAL_DECODING, HelpFormatter, atomic_write, bounded

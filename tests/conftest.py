@@ -7,7 +7,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from create_data_lists import create_data_lists  # noqa: E402
-from datasets import SHAPE_CLASSES, make_shapes_dataset  # noqa: E402
+from shapes import SHAPE_CLASSES, make_shapes_dataset  # noqa: E402
 
 
 @pytest.fixture(scope="session")

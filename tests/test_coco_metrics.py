@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from utils import COCO_METRICS, coco_api_objects, coco_dataset, coco_metrics, coco_summary
+from metrics import COCO_METRICS, coco_api_objects, coco_dataset, coco_metrics, coco_summary
 
 SIZES = [(640, 480), (300, 500), (1000, 800)]
 

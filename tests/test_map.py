@@ -1,4 +1,4 @@
-"""Tests of utils.calculate_mAP and utils.precision_recall_curves against a slow, literal
+"""Tests of metrics.calculate_mAP and metrics.precision_recall_curves against a slow, literal
 transcription of the PASCAL VOC devkit's rules (VOCevaldet / VOCap), written below."""
 import math
 import random
@@ -6,6 +6,7 @@ import random
 import pytest
 import torch
 
+import metrics
 import utils
 
 
@@ -150,7 +151,7 @@ def test_matches_reference_on_random_cases(use_07_metric):
     n_classes_with_ap = 0
     for seed in range(N_RANDOM_CASES):
         case = random_case(seed)
-        aps, mean_ap = utils.calculate_mAP(*case, use_07_metric=use_07_metric)
+        aps, mean_ap = metrics.calculate_mAP(*case, use_07_metric=use_07_metric)
         ref_aps, ref_mean_ap, _ = reference_map(*case, use_07_metric=use_07_metric)
         assert aps.keys() == ref_aps.keys(), seed
         for c in aps:
@@ -168,7 +169,7 @@ def test_matches_reference_on_random_cases(use_07_metric):
 def test_curves_match_reference_on_random_cases():
     for seed in range(N_RANDOM_CASES):
         case = random_case(seed)
-        curves = utils.precision_recall_curves(*case)
+        curves = metrics.precision_recall_curves(*case)
         _, _, ref_curves = reference_map(*case, use_07_metric=True)
         assert curves.keys() == ref_curves.keys(), seed
         for c, (recall, precision) in curves.items():
@@ -219,7 +220,7 @@ def test_perfect_detector_scores_one(use_07_metric):
     difficult = [torch.tensor([False, True]), torch.tensor([], dtype=torch.bool),
                  torch.tensor([False])]
     scores = [torch.tensor([0.9, 0.3]), torch.tensor([]), torch.tensor([0.5])]
-    aps, mean_ap = utils.calculate_mAP(true_boxes, true_labels, scores, true_boxes,
+    aps, mean_ap = metrics.calculate_mAP(true_boxes, true_labels, scores, true_boxes,
                                        true_labels, difficult, 3, use_07_metric)
     assert aps == {1: 1.0, 2: 1.0}
     assert mean_ap == 1.0
@@ -231,17 +232,17 @@ def test_empty_detector_scores_zero(use_07_metric):
     true_labels = [_labels(1, 2), _labels(2)]
     difficult = [torch.tensor([0, 0]), torch.tensor([0])]
     empty = [[_t(), _t()], [_labels(), _labels()], [torch.tensor([]), torch.tensor([])]]
-    aps, mean_ap = utils.calculate_mAP(*empty, true_boxes, true_labels, difficult, 4,
+    aps, mean_ap = metrics.calculate_mAP(*empty, true_boxes, true_labels, difficult, 4,
                                        use_07_metric)
     assert aps == {1: 0.0, 2: 0.0}  # class 3 has no objects: left out
     assert mean_ap == 0.0
 
 
 def test_no_images_and_no_objects():
-    aps, mean_ap = utils.calculate_mAP([], [], [], [], [], [], 21)
+    aps, mean_ap = metrics.calculate_mAP([], [], [], [], [], [], 21)
     assert aps == {} and math.isnan(mean_ap)
     det = [[_t([0, 0, 1, 1])], [_labels(1)], [torch.tensor([0.5])]]
-    aps, mean_ap = utils.calculate_mAP(*det, [_t()], [_labels()], [torch.tensor([])], 2)
+    aps, mean_ap = metrics.calculate_mAP(*det, [_t()], [_labels()], [torch.tensor([])], 2)
     assert aps == {} and math.isnan(mean_ap)
 
 
@@ -267,9 +268,9 @@ HAND_CASE = (
 
 
 def test_hand_computed_case():
-    assert utils.calculate_mAP(*HAND_CASE, use_07_metric=True)[0][1] == pytest.approx(6 / 11)
-    assert utils.calculate_mAP(*HAND_CASE, use_07_metric=False)[0][1] == pytest.approx(5 / 9)
-    recall, precision = utils.precision_recall_curves(*HAND_CASE)[1]
+    assert metrics.calculate_mAP(*HAND_CASE, use_07_metric=True)[0][1] == pytest.approx(6 / 11)
+    assert metrics.calculate_mAP(*HAND_CASE, use_07_metric=False)[0][1] == pytest.approx(5 / 9)
+    recall, precision = metrics.precision_recall_curves(*HAND_CASE)[1]
     assert recall.tolist() == pytest.approx([1 / 3, 1 / 3, 2 / 3, 2 / 3])
     assert precision.tolist() == pytest.approx([1, 1 / 2, 2 / 3, 1 / 2])
 
@@ -278,8 +279,8 @@ def test_iou_of_exactly_half_is_a_miss():
     gt = [[_t([0, 0, 2, 2])], [_labels(1)], [torch.tensor([False])]]
     half = [[_t([0, 0, 2, 1])], [_labels(1)], [torch.tensor([0.5])]]  # IoU 2/4
     more = [[_t([0, 0, 2, 1.01])], [_labels(1)], [torch.tensor([0.5])]]
-    assert utils.calculate_mAP(*half, *gt, 2)[1] == 0.0
-    assert utils.calculate_mAP(*more, *gt, 2)[1] == 1.0
+    assert metrics.calculate_mAP(*half, *gt, 2)[1] == 0.0
+    assert metrics.calculate_mAP(*more, *gt, 2)[1] == 1.0
 
 
 def test_best_object_already_matched_gives_false_positive():
@@ -288,7 +289,7 @@ def test_best_object_already_matched_gives_false_positive():
     gt = [[_t([0, 0, 10, 10], [2, 0, 12, 10])], [_labels(1, 1)], [torch.tensor([0, 0])]]
     det = [[_t([0, 0, 10, 10], [0, 0, 10, 8], [2, 0, 12, 10])], [_labels(1, 1, 1)],
            [torch.tensor([0.9, 0.8, 0.7])]]
-    recall, precision = utils.precision_recall_curves(*det, *gt, 2)[1]
+    recall, precision = metrics.precision_recall_curves(*det, *gt, 2)[1]
     assert recall.tolist() == pytest.approx([1 / 2, 1 / 2, 1])
     assert precision.tolist() == pytest.approx([1, 1 / 2, 2 / 3])
 
@@ -298,9 +299,9 @@ def test_best_object_difficult_is_ignored():
     # ignored, not a TP of the normal one.
     gt = [[_t([0, 0, 10, 10], [0, 0, 10, 6])], [_labels(1, 1)], [torch.tensor([1, 0])]]
     det = [[_t([0, 0, 10, 10])], [_labels(1)], [torch.tensor([0.9])]]
-    recall, precision = utils.precision_recall_curves(*det, *gt, 2)[1]
+    recall, precision = metrics.precision_recall_curves(*det, *gt, 2)[1]
     assert recall.size == 0 and precision.size == 0
-    assert utils.calculate_mAP(*det, *gt, 2)[1] == 0.0
+    assert metrics.calculate_mAP(*det, *gt, 2)[1] == 0.0
 
 
 def test_ties_keep_image_then_detection_order():
@@ -309,11 +310,11 @@ def test_ties_keep_image_then_detection_order():
           [torch.tensor([]), torch.tensor([0])]]
     det = [[_t([9, 9, 10, 10]), _t([0, 0, 4, 4])], [_labels(1), _labels(1)],
            [torch.tensor([0.5]), torch.tensor([0.5])]]
-    recall, precision = utils.precision_recall_curves(*det, *gt, 2)[1]
+    recall, precision = metrics.precision_recall_curves(*det, *gt, 2)[1]
     assert recall.tolist() == [0.0, 1.0] and precision.tolist() == [0.0, 0.5]
     # Swapping the images makes the TP first.
     swapped = [list(reversed(column)) for column in det + gt]
-    recall, precision = utils.precision_recall_curves(*swapped, 2)[1]
+    recall, precision = metrics.precision_recall_curves(*swapped, 2)[1]
     assert recall.tolist() == [1.0, 1.0] and precision.tolist() == [1.0, 0.5]
 
 
@@ -323,11 +324,21 @@ def test_eleven_point_thresholds_are_exact_tenths():
     true_boxes = [_t(*[[10 * k, 0, 10 * k + 5, 5] for k in range(10)])]
     gt = [true_boxes, [_labels(*[1] * 10)], [torch.zeros(10, dtype=torch.bool)]]
     det = [[true_boxes[0][:3]], [_labels(1, 1, 1)], [torch.tensor([0.9, 0.8, 0.7])]]
-    assert utils.calculate_mAP(*det, *gt, 2, use_07_metric=True)[1] == pytest.approx(4 / 11)
-    assert utils.calculate_mAP(*det, *gt, 2, use_07_metric=False)[1] == pytest.approx(3 / 10)
+    assert metrics.calculate_mAP(*det, *gt, 2, use_07_metric=True)[1] == pytest.approx(4 / 11)
+    assert metrics.calculate_mAP(*det, *gt, 2, use_07_metric=False)[1] == pytest.approx(3 / 10)
 
 
 def test_mismatched_image_counts_raise():
     with pytest.raises(ValueError):
-        utils.calculate_mAP(*HAND_CASE[:3], HAND_CASE[3][:1], HAND_CASE[4][:1],
+        metrics.calculate_mAP(*HAND_CASE[:3], HAND_CASE[3][:1], HAND_CASE[4][:1],
                             HAND_CASE[5][:1], 2)
+
+
+def test_the_metrics_keep_their_names_in_utils():
+    # They moved to metrics.py; scripts and notebooks that call utils.calculate_mAP still work.
+    from utils import calculate_mAP
+    assert calculate_mAP is metrics.calculate_mAP
+    assert utils.precision_recall_curves is metrics.precision_recall_curves
+    assert utils.coco_metrics is metrics.coco_metrics
+    with pytest.raises(AttributeError):
+        utils.no_such_name

@@ -7,8 +7,9 @@ import torch
 from PIL import Image
 
 import create_data_lists as lists
-from datasets import DataError, _voc_xml
-from utils import coco_dataset
+from datasets import DataError
+from shapes import voc_xml
+from metrics import coco_dataset
 
 
 def read(folder, *names):
@@ -103,7 +104,7 @@ def labelimg_folder(root):
     stems = [f"img_{i}" for i in range(10)] + [f"img_3_aug{k}" for k in range(1, 5)]
     for stem in stems:
         Image.new("RGB", (60, 40)).save(root / f"{stem}.jpg")
-        (root / f"{stem}.xml").write_text(_voc_xml(stem, (60, 40), [("cat", (2, 2, 30, 20), 0)]))
+        (root / f"{stem}.xml").write_text(voc_xml(stem, (60, 40), [("cat", (2, 2, 30, 20), 0)]))
     Image.new("RGB", (60, 40)).save(root / "unlabelled.png")
     return root
 
