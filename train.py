@@ -394,10 +394,11 @@ def ignore_interrupts(worker_id):
         signal.signal(sig, signal.SIG_IGN)
 
 
-def end_data_workers():
-    """Kill the DataLoader workers still alive. They ignore SIGTERM, but multiprocessing ends
-    them at exit with SIGTERM and then waits for them: it would wait forever."""
-    for worker in multiprocessing.active_children():
+def end_data_workers(earlier):
+    """Kill the DataLoader workers still alive: the child processes not in `earlier` (those
+    that existed before the run, which are the caller's). The workers ignore SIGTERM, but
+    multiprocessing ends them at exit with SIGTERM and then waits for them: forever."""
+    for worker in set(multiprocessing.active_children()) - earlier:
         worker.kill()
         worker.join()
 
@@ -710,6 +711,7 @@ def main(argv=None):
         plot_loss_curves([read_log(run) for run in config["plot"]], config["plot_out"])
         print(f"wrote {config['plot_out']}")
         return 0
+    children = set(multiprocessing.active_children())
     try:
         state = init = None
         if config["resume"]:
@@ -726,7 +728,7 @@ def main(argv=None):
         print(f"train.py: error: {e}", file=sys.stderr)
         code = 1
     finally:
-        end_data_workers()
+        end_data_workers(children)
         if dist.is_initialized():
             dist.destroy_process_group()
     return code

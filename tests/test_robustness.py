@@ -1,6 +1,7 @@
 """Nothing lost, nothing cryptic: signals, unreadable data mid-run, full disks, file modes,
 high-bit-depth images, argument checks, and one-line errors instead of tracebacks."""
 import json
+import multiprocessing
 import os
 import shutil
 import signal
@@ -94,6 +95,21 @@ def test_workers_ignore_the_signals_the_main_process_handles():
     finally:
         for s, handler in zip(train.StopRequest.SIGNALS, previous):
             signal.signal(s, handler)
+
+
+def test_only_the_runs_own_workers_are_ended_at_exit():
+    callers = multiprocessing.Process(target=time.sleep, args=(60,))
+    callers.start()
+    earlier = set(multiprocessing.active_children())
+    runs = multiprocessing.Process(target=time.sleep, args=(60,))
+    runs.start()
+    try:
+        train.end_data_workers(earlier)
+        assert not runs.is_alive() and callers.is_alive()
+    finally:
+        for process in (callers, runs):
+            process.kill()
+            process.join()
 
 
 # 2. ---------------------------------------------------------------------- bad data mid-run
