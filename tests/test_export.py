@@ -10,7 +10,6 @@ from PIL import Image
 
 import detect
 import export
-import train
 from datasets import load_image, to_model_input
 from model import detect_objects, load_checkpoint
 
@@ -18,17 +17,9 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 cv2 = pytest.importorskip("cv2")
 
-# A tiny SSD300 (1/16 of the channels), trained for a few float32 steps: confident enough to
-# give detections of every class, small enough to export and run in seconds.
-TINY = ["--preset", "toy", "--width", "0.0625", "--batch-size", "4", "--workers", "0",
-        "--warmup", "2", "--print-every", "10", "--eval-every", "0", "--lr", "0.003", "--amp", "off"]
-
-
 @pytest.fixture(scope="module")
-def checkpoint(shapes_lists, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    assert train.main(TINY + ["--iterations", "30", "--data-folder", str(shapes_lists), "--out", str(out)]) == 0
-    return out / "checkpoint.pt"
+def checkpoint(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -7,19 +7,15 @@ import torch
 import eval as evaluation
 import model
 import train
+from conftest import TINY
 from create_data_lists import create_data_lists
 
-# As tests/test_train.py's TINY: a tiny SSD300 for seconds-long runs in float32.
-TINY = ["--preset", "toy", "--width", "0.0625", "--batch-size", "4", "--workers", "0",
-        "--warmup", "2", "--print-every", "2", "--lr", "0.001", "--amp", "off"]
 
 
 @pytest.fixture(scope="module")
-def source(shapes_lists, tmp_path_factory):
+def source(tiny_checkpoint):
     """A briefly trained 3-class shapes checkpoint."""
-    out = tmp_path_factory.mktemp("source")
-    assert train.main(TINY + ["--iterations", "4", "--data-folder", str(shapes_lists), "--out", str(out)]) == 0
-    return out / "checkpoint.pt"
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -21,13 +21,11 @@ import detect
 import eval as evaluation
 import train
 import utils
+from conftest import TINY
 from datasets import DataError, load_image
 from test_data import make_voc
 
 ROOT = Path(__file__).resolve().parents[1]
-# As in test_train.py: a tiny SSD300 in float32, seconds per run.
-TINY = ["--preset", "toy", "--width", "0.0625", "--batch-size", "4", "--workers", "0",
-        "--warmup", "2", "--print-every", "2", "--lr", "0.001", "--amp", "off", "--eval-every", "0"]
 XML = ("<annotation><size><width>64</width><height>48</height></size><object><name>{}</name>"
        "<bndbox><xmin>5</xmin><ymin>5</ymin><xmax>40</xmax><ymax>30</ymax></bndbox></object></annotation>")
 
@@ -140,10 +138,8 @@ def test_skip_bad_images_trains_on_with_a_count(shapes_lists, tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def checkpoint(shapes_lists, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    assert train.main(run_args(shapes_lists, out, "--iterations", "4")) == 0
-    return out / "checkpoint.pt"
+def checkpoint(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 def test_eval_on_an_unreadable_test_image_is_one_line_and_writes_nothing(checkpoint, shapes_lists,

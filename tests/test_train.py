@@ -15,13 +15,10 @@ import detect
 import eval as evaluation
 import model
 import train
+from conftest import TINY
 from datasets import PascalVOCDataset, collate_fn
 
 ROOT = Path(__file__).resolve().parents[1]
-# A tiny SSD300 (1/16 of the channels) and a short schedule: seconds per run on two cores.
-# Training tests run in float32 (--amp off): bf16 is only fast on CPUs that have it.
-TINY = ["--preset", "toy", "--width", "0.0625", "--batch-size", "4", "--workers", "0",
-        "--warmup", "2", "--print-every", "2", "--lr", "0.001", "--amp", "off"]
 
 
 def run_args(shapes_lists, out, *extra):
