@@ -234,7 +234,8 @@ class OnnxDetector:
         outputs = self.session.run(None, {"images": model_input(images).numpy()})
         boxes, labels, scores = (torch.from_numpy(output) for output in outputs)   # N x K (x 4)
         keep = [(s > min_score).nonzero().squeeze(1)[:top_k] for s in scores]     # best first
-        return in_pixels(images, *([t[k] for t, k in zip(tensors, keep)] for tensors in (boxes, labels, scores)))
+        kept = ([t[k] for t, k in zip(tensors, keep)] for tensors in (boxes, labels, scores))
+        return in_pixels(images, *kept)
 
 
 def class_names(label_map):

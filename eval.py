@@ -82,12 +82,12 @@ def evaluate(net, dataset, device, batch_size=32, workers=2, amp_dtype=None,
                   aps={names[c]: ap for c, ap in aps.items()},
                   curves={names[c]: curve for c, curve in curves.items()})
     if coco:
-        overall, per_class = coco_metrics(*in_pixels(dets, dataset), net.n_classes)
+        overall, per_class = coco_metrics(*coco_inputs(dets, dataset), net.n_classes)
         result.update(coco=overall, coco_per_class={names[c]: m for c, m in per_class.items()})
     return result
 
 
-def in_pixels(dets, dataset):
+def coco_inputs(dets, dataset):
     """coco_metrics' arguments but n_classes: the (fractional) detections scaled to the pixels
     of their images, the objects as the lists hold them (pixels), and the image sizes."""
     if any("size" not in objects for objects in dataset.objects):

@@ -50,7 +50,7 @@ from datasets import DataError, load_image, to_model_input
 from shapes import make_shapes_dataset
 from detect import find_images, import_optional
 from model import decode_predictions, detect_objects, load_checkpoint
-from utils import EVAL_DECODING, HelpFormatter, atomic_write, bounded
+from utils import EVAL_DECODING, IMAGE_SIZE, HelpFormatter, atomic_write, bounded
 
 # The paper's evaluation settings (min_score, max_overlap, top_k, per_class_top_k).
 DECODING = EVAL_DECODING._asdict()
@@ -136,7 +136,7 @@ def export(net, label_map, decoding=None):
     # Eval mode for the wrapper too: a module in training mode is traced with batch norm in
     # training mode (batch statistics, and running statistics updated by the example batch).
     module.eval()
-    example = torch.randn(2, 3, 300, 300)
+    example = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
     buffer = io.BytesIO()
     # dynamo=False, the TorchScript exporter: its autograd.Function symbolic emits ONNX's
     # NonMaxSuppression (whose output size depends on the data) directly, where the default
@@ -280,7 +280,8 @@ def main(argv=None):
     except (ImportError, FileNotFoundError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    what = (f"{count} detections on {len(images)} images" if decoding else f"raw heads of {len(images)} images")
+    what = (f"{count} detections on {len(images)} images" if decoding
+            else f"raw heads of {len(images)} images")
     print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB); onnx.checker passed; onnxruntime "
           f"matches PyTorch on {what}, largest differences "
           + ", ".join(f"{k} {v:.2g}" for k, v in differences.items()), file=sys.stderr)
