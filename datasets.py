@@ -5,11 +5,10 @@ The JSON lists are written by create_data_lists.py. Boxes there are continuous p
 the image size, with the image resized to 300x300 and normalised with the ImageNet mean/std.
 
 Training augmentation follows Liu et al. (ECCV 2016, Sec. 2.2 and the Caffe implementation):
-photometric distortion, zoom out ("expand"), the min-IoU random crop, horizontal flip, resize.
-Its randomness depends only on (seed, epoch, index), so a sample does not depend on the number
+photometric distortion, zoom out ("expand"), the min-IoU random crop, horizontal flip, resize,
+drawn in that order and applied to the pixels in one pass (render). Its randomness depends only on (seed, epoch, index), so a sample does not depend on the number
 of DataLoader workers or on the order in which samples are drawn.
 """
-import functools
 import json
 from pathlib import Path
 from typing import NamedTuple
@@ -17,10 +16,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageOps
-from torchvision import tv_tensors
 from torchvision.ops import box_iou
-from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as F
 
 from shapes import SHAPE_CLASSES, make_shapes_dataset  # noqa: F401 (moved to shapes.py, still importable here)
 from utils import IMAGE_SIZE
@@ -44,6 +40,11 @@ CROP_TRIALS = 50
 # fractions of the image's; the "one-sampler" policy (random_crop): each side, and in pixels.
 CROP_SCALE_RANGE = (0.3, 1.0)
 CROP_ASPECT_RANGE = (0.5, 2.0)
+
+# Caffe's expand_param (ssd_pascal.py): the zoom out's probability and largest ratio of the
+# canvas's side to the image's.
+ZOOM_OUT_PROB = 0.5
+ZOOM_OUT_MAX = 4.0
 
 # Caffe's training resize picks one of OpenCV's LINEAR, AREA, NEAREST, CUBIC and LANCZOS4 at
 # random (test: LINEAR). Pillow's equivalents, except that Pillow's bilinear, bicubic and
@@ -162,8 +163,8 @@ def to_model_input(image):
 
 
 # ----------------------------------------------------------------------------------------------
-# Augmentation. Samples are (image: PIL RGB, boxes: BoundingBoxes (n, 4) XYXY pixels,
-# labels: int64 (n,), difficulties: bool (n,)).
+# Augmentation: the photometric distortion on the PIL image, then the geometric steps drawn as
+# one Geometry (sample_geometry) and applied once to the boxes (place_boxes) and the pixels (render).
 
 
 def _lut(function):
@@ -171,15 +172,12 @@ def _lut(function):
     return [min(255, max(0, round(function(v)))) for v in range(256)]
 
 
-def adjust_brightness(image, delta):
-    """Caffe's AdjustBrightness: delta added to every channel, clipped."""
-    return image.point(_lut(lambda v: v + delta) * 3)
-
-
-def adjust_contrast(image, alpha):
-    """Caffe's AdjustContrast: every channel multiplied by alpha, clipped (convertTo(alpha, 0)).
-    torchvision's adjust_contrast blends towards the mean grey instead."""
-    return image.point(_lut(lambda v: v * alpha) * 3)
+def adjust_brightness_contrast(image, delta=0.0, alpha=1.0):
+    """Caffe's AdjustBrightness (delta added to every channel, clipped) then AdjustContrast
+    (every channel multiplied by alpha, clipped: convertTo(alpha, 0)), as one lookup table
+    equal to the two in turn. torchvision's adjust_contrast blends towards the mean grey instead."""
+    brightness, contrast = _lut(lambda v: v + delta), _lut(lambda v: v * alpha)
+    return image.point([contrast[v] for v in brightness] * 3)
 
 
 def adjust_saturation_hue(image, alpha=1.0, degrees=0.0):
@@ -199,14 +197,22 @@ def adjust_saturation_hue(image, alpha=1.0, degrees=0.0):
     return Image.merge("HSV", (h, s, v)).convert("RGB")
 
 
-def photometric_distort(image):
-    """Caffe's colour distortion (DistortImage in im_transforms.cpp) on a PIL RGB image.
+class Photometric(NamedTuple):
+    """One draw of Caffe's colour distortion (see sample_photometric); the neutral values
+    (0, 1, 1, 0) leave a step out."""
+    brightness: float     # added to every channel
+    contrast: float       # every channel multiplied
+    saturation: float     # HSV saturation multiplied
+    hue: float            # HSV hue shifted, degrees
+    contrast_first: bool  # contrast before saturation and hue, else after
 
-    Brightness first, then contrast either before or after saturation and hue; each of the four
-    is applied with probability 0.5. Unlike v2.RandomPhotometricDistort, brightness is additive
-    (+-32, not a factor), contrast is a plain factor, hue spans +-36 degrees, and there is no
-    random channel permutation (ssd_pascal.py: random_order_prob 0).
-    """
+
+def sample_photometric():
+    """Caffe's colour distortion (DistortImage in im_transforms.cpp), drawn: brightness, then
+    contrast either before or after saturation and hue; each of the four applied with
+    probability 0.5. Unlike v2.RandomPhotometricDistort, brightness is additive (+-32, not a
+    factor), contrast is a plain factor, hue spans +-36 degrees, and there is no random channel
+    permutation (ssd_pascal.py: random_order_prob 0)."""
     contrast_first = torch.rand(()) < 0.5
     apply = torch.rand(4) < 0.5                 # brightness, contrast, saturation, hue
     values = torch.rand(4).tolist()
@@ -214,17 +220,23 @@ def photometric_distort(image):
     def between(value, low, high):
         return low + (high - low) * value
 
-    if apply[0]:
-        image = adjust_brightness(image, between(values[0], -BRIGHTNESS_DELTA, BRIGHTNESS_DELTA))
-    contrast = between(values[1], *CONTRAST_RANGE) if apply[1] else 1.0
-    saturation = between(values[2], *SATURATION_RANGE) if apply[2] else 1.0
-    hue = between(values[3], -HUE_DEGREES, HUE_DEGREES) if apply[3] else 0.0
-    if contrast_first and contrast != 1.0:
-        image = adjust_contrast(image, contrast)
-    if saturation != 1.0 or hue:
-        image = adjust_saturation_hue(image, saturation, hue)
-    if not contrast_first and contrast != 1.0:
-        image = adjust_contrast(image, contrast)
+    return Photometric(
+        brightness=between(values[0], -BRIGHTNESS_DELTA, BRIGHTNESS_DELTA) if apply[0] else 0.0,
+        contrast=between(values[1], *CONTRAST_RANGE) if apply[1] else 1.0,
+        saturation=between(values[2], *SATURATION_RANGE) if apply[2] else 1.0,
+        hue=between(values[3], -HUE_DEGREES, HUE_DEGREES) if apply[3] else 0.0,
+        contrast_first=bool(contrast_first))
+
+
+def distort(image, p):
+    """Apply a Photometric draw `p` to a PIL RGB image."""
+    first, last = (p.contrast, 1.0) if p.contrast_first else (1.0, p.contrast)
+    if p.brightness or first != 1.0:
+        image = adjust_brightness_contrast(image, p.brightness, first)
+    if p.saturation != 1.0 or p.hue:
+        image = adjust_saturation_hue(image, p.saturation, p.hue)
+    if last != 1.0:
+        image = adjust_brightness_contrast(image, alpha=last)
     return image
 
 
@@ -283,9 +295,9 @@ def sample_crop(width, height, boxes, min_iou, trials=CROP_TRIALS):
     return tuple(int(v) for v in crops[accepted.nonzero()[0, 0]])
 
 
-def random_crop(image, boxes, labels, difficulties, policy="caffe"):
-    """The paper's random crop. The objects whose centres fall inside the crop are kept,
-    clipped to it.
+def crop_window(width, height, boxes, policy="caffe"):
+    """The paper's random crop of a (width x height) canvas: (left, top, right, bottom) in
+    integer pixels, the whole canvas when no crop is taken. boxes: (n, 4) pixels.
 
     policy "caffe" (the paper's recipe): every sampler of `sample_crops` runs, and one sample is
     picked uniformly among those found and the whole image (always one of them).
@@ -297,76 +309,121 @@ def random_crop(image, boxes, labels, difficulties, policy="caffe"):
     v2.RandomIoUCrop differs from both: it draws one option at a time, again and again until
     one succeeds (40 trials each), and never keeps the whole image.
     """
-    height, width = boxes.canvas_size
-    scale = torch.tensor([width, height, width, height], dtype=torch.float64)
-    plain_boxes = boxes.as_subclass(torch.Tensor)
-    crop = None                                           # the whole image
+    whole = (0, 0, width, height)
     if policy == "caffe":
-        found = list(sample_crops(plain_boxes / scale).values())
+        scale = torch.tensor([width, height, width, height], dtype=torch.float64)
+        found = list(sample_crops(boxes.double() / scale).values())
         choice = torch.randint(len(found) + 1, ()).item()
-        if choice < len(found):
-            # Integer pixels, as Caffe's CropImage (at least one pixel each way).
-            x1, y1, x2, y2 = found[choice].tolist()
-            left, top = int(x1 * width), int(y1 * height)
-            crop = (left, top, max(left + 1, int(x2 * width)), max(top + 1, int(y2 * height)))
-    else:
-        option = torch.randint(len(CROP_MIN_IOUS) + 1, ()).item()     # the last: whole image
-        if option < len(CROP_MIN_IOUS) and len(boxes):
-            crop = sample_crop(width, height, plain_boxes, CROP_MIN_IOUS[option])
-    if crop is None:
-        return image, boxes, labels, difficulties
-    left, top, right, bottom = crop
-    keep = centres_inside(plain_boxes, torch.tensor([[left, top, right, bottom]], dtype=boxes.dtype))[0]
-    cropped = plain_boxes[keep] - torch.tensor([left, top, left, top], dtype=boxes.dtype)
-    cropped[:, 0::2] = cropped[:, 0::2].clamp(0, right - left)
-    cropped[:, 1::2] = cropped[:, 1::2].clamp(0, bottom - top)
-    image = F.crop(image, top, left, bottom - top, right - left)
-    boxes = tv_tensors.wrap(cropped, like=boxes, canvas_size=(bottom - top, right - left))
-    return image, boxes, labels[keep], difficulties[keep]
+        if choice == len(found):
+            return whole
+        # Integer pixels, as Caffe's CropImage (at least one pixel each way).
+        x1, y1, x2, y2 = found[choice].tolist()
+        left, top = int(x1 * width), int(y1 * height)
+        return left, top, max(left + 1, int(x2 * width)), max(top + 1, int(y2 * height))
+    option = torch.randint(len(CROP_MIN_IOUS) + 1, ()).item()     # the last: whole image
+    if option == len(CROP_MIN_IOUS) or not len(boxes):
+        return whole
+    return sample_crop(width, height, boxes, CROP_MIN_IOUS[option]) or whole
 
 
-def resize(image, boxes, labels, difficulties):
-    """Resize the sample to 300x300 with one of Caffe's training interpolations, at random."""
+class Geometry(NamedTuple):
+    """Where the 300x300 pixels of a training sample come from (see sample_geometry)."""
+    canvas: tuple         # (width, height) of the zoom-out canvas (the image's own size if none)
+    offset: tuple         # (x, y) of the image's top left corner on the canvas
+    crop: tuple           # (left, top, right, bottom) window of the canvas, integer pixels
+    flip: bool            # mirrored left to right
+    interpolation: int    # the resize filter (one of TRAIN_INTERPOLATIONS)
+
+
+def sample_zoom_out(width, height, max_ratio=ZOOM_OUT_MAX):
+    """Caffe's expand (ExpandImage in data_transformer.cpp): with probability ZOOM_OUT_PROB a
+    canvas int(side * r) with r ~ U(1, max_ratio), the image at a uniform integer position.
+    The same draws as v2.RandomZoomOut. Returns (canvas (w, h), offset (x, y))."""
+    if torch.rand(()) >= ZOOM_OUT_PROB:
+        return (width, height), (0, 0)
+    ratio = 1 + (max_ratio - 1) * torch.rand(()).item()
+    canvas_w, canvas_h = int(width * ratio), int(height * ratio)
+    fx, fy = torch.rand(2).tolist()
+    return (canvas_w, canvas_h), (int((canvas_w - width) * fx), int((canvas_h - height) * fy))
+
+
+def sample_geometry(width, height, boxes, crop="caffe", zoom_out=ZOOM_OUT_MAX):
+    """The geometric half of the paper's augmentation, drawn for a (width x height) image with
+    boxes (n, 4) in pixels: zoom out, the random crop (policy `crop`), a horizontal flip with
+    probability 0.5 and the resize filter, in Caffe's order. Only parameters: place_boxes and
+    render apply them."""
+    canvas, offset = sample_zoom_out(width, height, zoom_out)
+    window = crop_window(*canvas, boxes + torch.tensor(offset * 2, dtype=boxes.dtype), crop)
+    flip = bool(torch.rand(()) < 0.5)
     interpolation = TRAIN_INTERPOLATIONS[torch.randint(len(TRAIN_INTERPOLATIONS), ()).item()]
-    return (resize_image(image, interpolation), F.resize(boxes, [IMAGE_SIZE, IMAGE_SIZE]),
-            labels, difficulties)
+    return Geometry(canvas, offset, window, flip, interpolation)
 
 
-def _lift(transform):
-    """Apply a v2 transform that moves pixels but never drops boxes to a whole sample."""
-    def apply(image, boxes, labels, difficulties):
-        image, boxes = transform(image, boxes)
-        return image, boxes, labels, difficulties
-    return apply
+def place_boxes(boxes, labels, difficulties, geometry):
+    """Boxes (n, 4) in the image's pixels -> (n', 4) fractions of the output, for the objects
+    whose centres fall strictly inside the crop (Caffe's emit_constraint CENTER), clipped to it;
+    labels (n',) and difficulties (n',) alongside."""
+    left, top, right, bottom = geometry.crop
+    x, y = geometry.offset
+    width, height = right - left, bottom - top
+    boxes = boxes + torch.tensor([x - left, y - top] * 2, dtype=boxes.dtype)   # crop's pixels
+    keep = centres_inside(boxes, torch.tensor([[0, 0, width, height]], dtype=boxes.dtype))[0]
+    boxes = boxes[keep] / torch.tensor([width, height] * 2, dtype=boxes.dtype)
+    boxes = boxes.clamp(0, 1)
+    if geometry.flip:
+        boxes = torch.stack([1 - boxes[:, 2], boxes[:, 1], 1 - boxes[:, 0], boxes[:, 3]], dim=1)
+    return boxes, labels[keep], difficulties[keep]
 
 
-def drop_degenerate_boxes(image, boxes, labels, difficulties):
-    """Remove boxes with x2 <= x1 or y2 <= y1, keeping labels and difficulties aligned.
+def render(image, geometry, photometric=None):
+    """The sample's 300x300 pixels, each computed once from the source image: PIL RGB image,
+    Geometry, Photometric (or None) -> PIL RGB 300x300.
 
-    Equivalent to v2.SanitizeBoundingBoxes(min_size=0) (its default drops boxes under 1 pixel).
+    Caffe distorts the colours of the whole image, then zooms out, crops, flips and resizes.
+    Here only the part of the image inside the crop is resampled, straight to its place in the
+    output, and distorted there, without the zoom-out canvas (up to 16 times the image's
+    pixels): the colour steps then touch at most 300x300 pixels whatever the image's size,
+    and the fill keeps the mean colour, as in Caffe. This equals Caffe's order (the reference in
+    tests) except at the image's edge on the canvas, which lands on whole output pixels here,
+    and where the colour steps' clipping and HSV rounding meet the resize filter's blending.
     """
-    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-    return image, tv_tensors.wrap(boxes[keep], like=boxes), labels[keep], difficulties[keep]
+    left, top, right, bottom = geometry.crop
+    x, y = geometry.offset
+    width, height = image.size
+    scale_x, scale_y = IMAGE_SIZE / (right - left), IMAGE_SIZE / (bottom - top)
+    output = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), MEAN_PIXEL)
+    # The image inside the crop: whole output pixels, and the canvas window they show.
+    out_x1, out_x2 = (round((max(left, x) - left) * scale_x), round((min(right, x + width) - left) * scale_x))
+    out_y1, out_y2 = (round((max(top, y) - top) * scale_y), round((min(bottom, y + height) - top) * scale_y))
+    if out_x2 > out_x1 and out_y2 > out_y1:
+        source = (max(0.0, left - x + out_x1 / scale_x), max(0.0, top - y + out_y1 / scale_y),
+                  min(width, left - x + out_x2 / scale_x), min(height, top - y + out_y2 / scale_y))
+        patch = image.resize((out_x2 - out_x1, out_y2 - out_y1), geometry.interpolation, box=source,
+                             reducing_gap=1.0)
+        output.paste(patch if photometric is None else distort(patch, photometric), (out_x1, out_y1))
+    return output.transpose(Image.FLIP_LEFT_RIGHT) if geometry.flip else output
 
 
-zoom_out = _lift(v2.RandomZoomOut(fill=MEAN_PIXEL, side_range=(1.0, 4.0), p=0.5))  # Caffe's expand
-flip = _lift(v2.RandomHorizontalFlip(p=0.5))
-
-
-def train_transform(image, boxes, labels, difficulties, crop="caffe"):
+def train_transform(image, boxes, labels, difficulties, crop="caffe", zoom_out=ZOOM_OUT_MAX):
     """Paper augmentation. Uses the global torch RNG (the dataset seeds it per sample).
 
-    image: PIL RGB; boxes: float (n, 4) pixels; crop: the random crop's policy (CROP_POLICIES).
-    Returns image (3, 300, 300) normalised, boxes (n', 4) fractional in [0, 1], labels (n',),
-    difficulties (n',).
+    image: PIL RGB; boxes: float (n, 4) pixels; crop: the random crop's policy (CROP_POLICIES);
+    zoom_out: the largest zoom-out ratio (1: none). Returns image (3, 300, 300) normalised, boxes
+    (n', 4) fractional in [0, 1], labels (n',), difficulties (n',). Empty boxes (x2 <= x1 or
+    y2 <= y1) are dropped first, as v2.SanitizeBoundingBoxes(min_size=0) would.
+
+    The steps are drawn in Caffe's order and applied together (render), where torchvision's v2
+    pipeline (RandomPhotometricDistort, RandomZoomOut, a crop, RandomHorizontalFlip, Resize)
+    would go over the pixels once per step.
     """
-    boxes = tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=image.size[::-1])
-    sample = (photometric_distort(image), boxes, labels, difficulties)
-    for step in (zoom_out, functools.partial(random_crop, policy=crop), flip, resize):
-        sample = drop_degenerate_boxes(*step(*sample))
-    image, boxes, labels, difficulties = sample
-    boxes = boxes.as_subclass(torch.Tensor).clamp(0, IMAGE_SIZE) / IMAGE_SIZE
-    return to_model_input(image), boxes, labels, difficulties
+    valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    boxes, labels, difficulties = boxes[valid], labels[valid], difficulties[valid]
+    photometric = sample_photometric()
+    geometry = sample_geometry(*image.size, boxes, crop, zoom_out)
+    boxes, labels, difficulties = place_boxes(boxes, labels, difficulties, geometry)
+    kept = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])   # not clipped to a line
+    image = render(image, geometry, photometric)
+    return to_model_input(image), boxes[kept], labels[kept], difficulties[kept]
 
 
 def eval_transform(image, boxes, labels, difficulties):
@@ -423,7 +480,8 @@ class PascalVOCDataset(torch.utils.data.Dataset):
     labels (n,) int64, difficulties (n,) bool). `images`, `objects` (pixel boxes, as in the JSON)
     and `label_map` are the raw lists, for evaluation.
 
-    crop: the training crop's policy, "caffe" (the paper's) or "one-sampler" (see random_crop).
+    crop: the training crop's policy, "caffe" (the paper's) or "one-sampler" (see crop_window);
+    zoom_out: the largest zoom-out ratio (the paper's 4; 1 for none).
     on_error: "raise" a DataError for an unreadable image, or "mark": return a BadSample
     (collate_fn leaves it out and reports its message).
     Call set_epoch(epoch) before iterating over an epoch: the epoch lives in shared memory, so
@@ -431,7 +489,7 @@ class PascalVOCDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, data_folder, split, keep_difficult=True, seed=0, augment=None, crop="caffe",
-                 on_error="raise"):
+                 zoom_out=ZOOM_OUT_MAX, on_error="raise"):
         split = split.upper()
         if split not in ("TRAIN", "TEST"):
             raise ValueError(f"split must be 'train' or 'test', not {split!r}")
@@ -451,6 +509,9 @@ class PascalVOCDataset(torch.utils.data.Dataset):
         if crop not in CROP_POLICIES:
             raise ValueError(f"crop must be one of {CROP_POLICIES}, not {crop!r}")
         self.crop = crop
+        if not zoom_out >= 1:
+            raise ValueError(f"zoom_out must be at least 1, not {zoom_out!r}")
+        self.zoom_out = zoom_out
         if on_error not in ("raise", "mark"):
             raise ValueError(f"on_error must be 'raise' or 'mark', not {on_error!r}")
         self.on_error = on_error
@@ -484,7 +545,7 @@ class PascalVOCDataset(torch.utils.data.Dataset):
             return eval_transform(image, boxes, labels, difficulties)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed(self.seed, self.epoch, index))
-            return train_transform(image, boxes, labels, difficulties, self.crop)
+            return train_transform(image, boxes, labels, difficulties, self.crop, self.zoom_out)
 
 
 def collate_fn(batch):

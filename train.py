@@ -30,7 +30,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from datasets import CROP_POLICIES, DataError, PascalVOCDataset, check_same_classes, collate_fn
+from datasets import (CROP_POLICIES, ZOOM_OUT_MAX, DataError, PascalVOCDataset, check_same_classes,
+                      collate_fn)
 from model import MultiBoxLoss, SSD300, load_for_new_classes, read_checkpoint
 from utils import (HelpFormatter, add_precision_arguments, atomic_torch_save, atomic_write, bounded,
                    choose_precision, describe_precision, pick_device, remove_stale_temporaries,
@@ -71,6 +72,9 @@ def build_parser(suppress_defaults=False):
                       help="random crop: caffe (the paper's: every sampler runs, one sample or the "
                            "whole image picked) or one-sampler (one sampler drawn, fewer crops: "
                            "for short schedules)")
+    data.add_argument("--zoom-out", type=bounded(float, 1), default=d(ZOOM_OUT_MAX),
+                      help="largest zoom-out ratio of the canvas's side to the image's (Caffe's "
+                           "max_expand_ratio, the paper's 4; 1: no zoom out)")
     data.add_argument("--skip-bad-images", action="store_true", default=d(False),
                       help="leave out images that cannot be read, with a warning, instead of "
                            "stopping (with a checkpoint) at the first one")
@@ -442,7 +446,7 @@ class Trainer:
         config = self.config
         self.dataset = PascalVOCDataset(config["data_folder"], "train", config["keep_difficult"],
                                         config["seed"], crop=config.get("crop", "caffe"),
-                                        on_error="mark")
+                                        zoom_out=config.get("zoom_out", ZOOM_OUT_MAX), on_error="mark")
         if "label_map" in config:                                               # resumed run
             check_same_classes(config["label_map"], self.dataset.label_map,
                                "the checkpoint", config["data_folder"])

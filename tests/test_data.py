@@ -379,45 +379,109 @@ def test_crop_choice_follows_caffes_batch_sampler():
     assert (np.abs(counts - draws * expected) <= 4.5 * sigma + 1).all(), (counts, draws * expected)
     assert 0.2 < expected[-1] < 0.4          # the whole image: about 0.3 here
 
-    # random_crop itself keeps the whole image as often; the "one-sampler" policy (one option of
+    # crop_window itself keeps the whole image as often; the "one-sampler" policy (one option of
     # seven drawn, the whole image if it fails) far more often.
-    image = Image.new("RGB", (500, 375))
-    pixels = D.tv_tensors.BoundingBoxes([[200, 150, 300, 230]], format="XYXY", canvas_size=(375, 500))
+    pixels = torch.tensor([[200.0, 150, 300, 230]])
     draws, p = 1500, expected[-1]
-    whole = {policy: sum(D.random_crop(image, pixels, torch.tensor([1]), torch.tensor([False]), policy)[0].size
-                         == (500, 375) for _ in range(draws)) for policy in D.CROP_POLICIES}
+    whole = {policy: sum(D.crop_window(500, 375, pixels, policy) == (0, 0, 500, 375) for _ in range(draws))
+             for policy in D.CROP_POLICIES}
     assert abs(whole["caffe"] - draws * p) <= 4.5 * np.sqrt(draws * p * (1 - p)) + 1, (whole, draws * p)
     assert whole["one-sampler"] > whole["caffe"] + 0.15 * draws, whole
 
 
-def test_random_crop_keeps_objects_whose_centre_is_inside(monkeypatch):
+def test_crop_keeps_objects_whose_centre_is_inside(monkeypatch):
     monkeypatch.setattr(D, "sample_crops", lambda boxes: {2: torch.tensor([0.2, 0.2, 0.7, 0.7], dtype=torch.float64)})
     image = Image.fromarray(np.arange(100 * 100 * 3, dtype=np.uint8).reshape(100, 100, 3))
     # centres (25, 25): inside; (79, 79): outside; (70, 25): on the crop's edge, so not inside
-    boxes = D.tv_tensors.BoundingBoxes([[10, 10, 40, 40], [60, 60, 98, 98], [50, 5, 90, 45]], format="XYXY",
-                                       canvas_size=(100, 100))
-    outputs = set()
+    boxes = torch.tensor([[10.0, 10, 40, 40], [60, 60, 98, 98], [50, 5, 90, 45]])
+    windows = set()
     for seed in range(20):                   # the crop or the whole image, each half the time
         torch.manual_seed(seed)
-        out_image, out_boxes, labels, difficulties = D.random_crop(image, boxes, torch.tensor([1, 2, 3]),
-                                                                   torch.tensor([False, True, False]))
-        outputs.add(out_image.size)
-        if out_image.size == (100, 100):
-            assert labels.tolist() == [1, 2, 3]
+        windows.add(D.crop_window(100, 100, boxes))
+    assert windows == {(0, 0, 100, 100), (20, 20, 70, 70)}
+    geometry = D.Geometry((100, 100), (0, 0), (20, 20, 70, 70), False, Image.NEAREST)
+    out_boxes, labels, difficulties = D.place_boxes(boxes, torch.tensor([1, 2, 3]),
+                                                    torch.tensor([False, True, False]), geometry)
+    assert torch.equal(out_boxes * 50, torch.tensor([[0.0, 0, 20, 20]]))
+    assert labels.tolist() == [1] and difficulties.tolist() == [False]
+    crop = np.asarray(image)[20:70, 20:70]                          # 50x50, each pixel 6x6 at 300x300
+    assert np.array_equal(np.asarray(D.render(image, geometry)), crop.repeat(6, axis=0).repeat(6, axis=1))
+
+
+def smooth_image(rng, width, height):
+    """A random image without sharp edges, on which resampling filters roughly agree."""
+    coarse = rng.integers(0, 256, (max(2, height // 16), max(2, width // 16), 3), dtype=np.uint8)
+    return Image.fromarray(coarse).resize((width, height), Image.BICUBIC)
+
+
+def step_by_step(image, geometry, photometric=None):
+    """Caffe's order, one step at a time: distort the colours, paste on the zoom-out canvas,
+    crop, resize, flip."""
+    if photometric is not None:
+        image = D.distort(image, photometric)
+    canvas = Image.new("RGB", geometry.canvas, D.MEAN_PIXEL)
+    canvas.paste(image, geometry.offset)
+    out = canvas.crop(geometry.crop).resize((300, 300), geometry.interpolation)
+    return out.transpose(Image.FLIP_LEFT_RIGHT) if geometry.flip else out
+
+
+def test_render_matches_the_steps_one_at_a_time():
+    rng = np.random.default_rng(0)
+    differences, exact_checked = [], 0
+    for seed in range(150):
+        width, height = (int(v) for v in rng.integers(60, 500, size=2))
+        image = smooth_image(rng, width, height)
+        torch.manual_seed(seed)
+        photometric = D.sample_photometric()
+        geometry = D.sample_geometry(width, height, torch.tensor([[0.2 * width, 0.2 * height, 0.6 * width,
+                                                                    0.7 * height]]))
+        for colours in (None, photometric):
+            fast = np.asarray(D.render(image, geometry, colours)).astype(int)
+            slow = np.asarray(step_by_step(image, geometry, colours)).astype(int)
+            # Only the image's edge on the canvas and the filters' blending differ.
+            assert np.abs(fast - slow).mean() < 2.5, (seed, geometry, colours)
+            differences.append(np.abs(fast - slow).mean())
+        if geometry.offset == (0, 0) and geometry.interpolation == Image.NEAREST:
+            assert np.array_equal(np.asarray(D.render(image, geometry)), np.asarray(step_by_step(image, geometry)))
+            exact_checked += 1
+    assert np.mean(differences) < 0.5 and exact_checked >= 5
+
+
+def test_boxes_follow_the_pixels():
+    """A white object on black: after any geometry, its placed box is where it is drawn."""
+    rng = np.random.default_rng(2)
+    checked = 0
+    for seed in range(150):
+        width, height = (int(v) for v in rng.integers(80, 500, size=2))
+        x1, y1 = rng.uniform(0, 0.6) * width, rng.uniform(0, 0.6) * height
+        box = [round(x1), round(y1), round(x1 + rng.uniform(0.15, 0.4) * width),
+               round(y1 + rng.uniform(0.15, 0.4) * height)]
+        pixels = np.zeros((height, width, 3), np.uint8)
+        pixels[box[1]:box[3], box[0]:box[2]] = 255
+        torch.manual_seed(seed)
+        boxes = torch.tensor([box], dtype=torch.float32)
+        geometry = D.sample_geometry(width, height, boxes)
+        placed, labels, _ = D.place_boxes(boxes, torch.tensor([1]), torch.tensor([False]), geometry)
+        drawn = np.asarray(D.render(Image.fromarray(pixels), geometry))[..., 0] > 127
+        if not len(labels):                   # its centre left the crop: at most a sliver stays
             continue
-        assert np.array_equal(np.asarray(out_image), np.asarray(image)[20:70, 20:70])
-        assert out_boxes.canvas_size == (50, 50) and out_boxes.tolist() == [[0, 0, 20, 20]]
-        assert labels.tolist() == [1] and difficulties.tolist() == [False]
-    assert outputs == {(100, 100), (50, 50)}
+        rows, cols = drawn.any(axis=1).nonzero()[0], drawn.any(axis=0).nonzero()[0]
+        seen = [cols[0], rows[0], cols[-1] + 1, rows[-1] + 1]
+        assert np.abs(np.array(seen) - placed[0].numpy() * 300).max() <= 2.5, (seed, geometry, seen, placed)
+        checked += 1
+    assert checked > 80
 
 
 def test_photometric_steps_follow_caffes_formulas():
     colours = Image.fromarray(np.array([[[255, 0, 0], [128, 128, 128], [0, 0, 255], [200, 100, 50]]],
                                        dtype=np.uint8))
     pixels = np.asarray(colours).astype(float)
-    # Contrast and brightness: a plain factor and a plain offset per channel, clipped.
-    assert np.array_equal(np.asarray(D.adjust_contrast(colours, 1.5)), np.clip(np.round(pixels * 1.5), 0, 255))
-    assert np.array_equal(np.asarray(D.adjust_brightness(colours, -32)), np.clip(pixels - 32, 0, 255))
+    # Contrast and brightness: a plain factor and a plain offset per channel, each clipped.
+    assert np.array_equal(np.asarray(D.adjust_brightness_contrast(colours, alpha=1.5)),
+                          np.clip(np.round(pixels * 1.5), 0, 255))
+    assert np.array_equal(np.asarray(D.adjust_brightness_contrast(colours, -32)), np.clip(pixels - 32, 0, 255))
+    assert np.array_equal(np.asarray(D.adjust_brightness_contrast(colours, 20.4, 1.3)),
+                          np.clip(np.round(np.clip(np.round(pixels + 20.4), 0, 255) * 1.3), 0, 255))
     # Hue: a shift on the colour circle (red -> green at 120 degrees, wrapping); grey stays grey.
     shifted = np.asarray(D.adjust_saturation_hue(colours, degrees=120)).astype(int)
     assert np.abs(shifted[0, :3] - [[0, 255, 0], [128, 128, 128], [255, 0, 0]]).max() <= 2
@@ -428,16 +492,41 @@ def test_photometric_steps_follow_caffes_formulas():
     assert np.abs(grey - pixels.max(axis=2, keepdims=True)).max() <= 1
 
 
-def test_training_resize_interpolation_varies():
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (470, 650, 3), dtype=np.uint8))
-    boxes = D.tv_tensors.BoundingBoxes([[10, 10, 40, 40]], format="XYXY", canvas_size=(470, 650))
-    results = set()
-    for seed in range(40):
-        torch.manual_seed(seed)
-        resized, out_boxes, _, _ = D.resize(image, boxes, torch.tensor([1]), torch.tensor([False]))
-        assert resized.size == (300, 300)
-        results.add(np.asarray(resized).tobytes())
-    assert len(results) == len(D.TRAIN_INTERPOLATIONS)
+def test_photometric_draws_follow_caffes_probabilities():
+    torch.manual_seed(0)
+    draws = [D.sample_photometric() for _ in range(2000)]
+    neutral = D.Photometric(0.0, 1.0, 1.0, 0.0, False)
+    for field, (low, high) in zip(neutral._fields, [(-32, 32), (0.5, 1.5), (0.5, 1.5), (-36, 36)]):
+        values = np.array([getattr(d, field) for d in draws])
+        applied = values != getattr(neutral, field)
+        assert abs(applied.mean() - 0.5) < 0.05, field
+        assert low <= values.min() and values.max() <= high and np.ptp(values[applied]) > 0.9 * (high - low)
+    assert abs(np.mean([d.contrast_first for d in draws]) - 0.5) < 0.05
+
+
+def test_zoom_out_follows_caffes_expand():
+    torch.manual_seed(0)
+    zooms = [D.sample_zoom_out(200, 100) for _ in range(2000)]
+    zoomed = [(canvas, offset) for canvas, offset in zooms if canvas != (200, 100)]
+    assert abs(len(zoomed) / len(zooms) - 0.5) < 0.05
+    ratios = np.array([canvas[0] / 200 for canvas, _ in zoomed])
+    assert 1 <= ratios.min() < 1.1 and 3.9 < ratios.max() <= 4
+    for (canvas_w, canvas_h), (x, y) in zoomed:
+        assert abs(canvas_w / 200 - canvas_h / 100) < 0.02          # one ratio for both sides
+        assert 0 <= x <= canvas_w - 200 and 0 <= y <= canvas_h - 100
+    assert D.sample_zoom_out(200, 100, max_ratio=1.0)[0] == (200, 100)
+
+
+def test_geometry_draws_every_interpolation_and_flips_half_the_time():
+    image = smooth_image(np.random.default_rng(0), 650, 470)
+    boxes = torch.tensor([[10.0, 10, 40, 40]])
+    torch.manual_seed(0)
+    geometries = [D.sample_geometry(650, 470, boxes) for _ in range(400)]
+    assert {g.interpolation for g in geometries} == set(D.TRAIN_INTERPOLATIONS)
+    assert abs(np.mean([g.flip for g in geometries]) - 0.5) < 0.1
+    whole = D.Geometry((650, 470), (0, 0), (0, 0, 650, 470), False, Image.NEAREST)
+    outputs = {D.render(image, whole._replace(interpolation=f)).tobytes() for f in D.TRAIN_INTERPOLATIONS}
+    assert len(outputs) == len(D.TRAIN_INTERPOLATIONS)
 
 
 def test_degenerate_boxes_are_dropped_with_their_labels():
