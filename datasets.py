@@ -6,9 +6,12 @@ the image size, with the image resized to 300x300 and normalised with the ImageN
 
 Training augmentation follows Liu et al. (ECCV 2016, Sec. 2.2 and the Caffe implementation):
 photometric distortion, zoom out ("expand"), the min-IoU random crop, horizontal flip, resize,
-drawn in that order and applied to the pixels in one pass (render). Its randomness depends only on (seed, epoch, index), so a sample does not depend on the number
-of DataLoader workers or on the order in which samples are drawn.
+drawn in that order (draw_augmentation) and applied to the pixels in one pass: here (render),
+or on the training device (decode="device", gpu_augment.py). Its randomness depends only on
+(seed, epoch, index), so a sample does not depend on the number of DataLoader workers or on the
+order in which samples are drawn.
 """
+import io
 import json
 from pathlib import Path
 from typing import NamedTuple
@@ -66,7 +69,7 @@ class BadSample(NamedTuple):
 
 class Batch(NamedTuple):
     """What collate_fn makes of a list of samples."""
-    images: torch.Tensor      # (N, 3, 300, 300)
+    images: torch.Tensor      # (N, 3, 300, 300), or a list of N PendingImages (decode="device")
     boxes: list               # N tensors (n_i, 4), fractional x1, y1, x2, y2
     labels: list              # N tensors (n_i,)
     difficulties: list        # N tensors (n_i,) bool
@@ -124,6 +127,15 @@ def to_rgb(image):
     return image.convert("RGB")
 
 
+# What Pillow (and torchvision's decoders) raise for a file that is not a readable image.
+UNREADABLE = (OSError, SyntaxError, ValueError, RuntimeError, Image.DecompressionBombError)
+
+
+def cannot_read(path, error):
+    """The DataError for an unreadable image file, whichever decoder found it."""
+    return DataError(f"{path}: cannot read image ({error})")
+
+
 def load_image(path, annotated_size=None, displayed=False):
     """Load an image as PIL RGB (decoded in full, so a corrupt file fails here, naming it).
 
@@ -135,8 +147,43 @@ def load_image(path, annotated_size=None, displayed=False):
             if displayed or uses_exif_frame(image, annotated_size):
                 image = ImageOps.exif_transpose(image)
             return to_rgb(image)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise DataError(f"{path}: cannot read image ({error})") from error
+    except UNREADABLE as error:
+        raise cannot_read(path, error) from error
+
+
+class PendingImage(NamedTuple):
+    """A training image not decoded yet (PascalVOCDataset with decode="device"): its file and
+    the augmentation drawn for it, which gpu_augment.render_batch applies on the device."""
+    path: str
+    data: torch.Tensor        # uint8: a JPEG file's bytes (n,), or another file's RGB pixels (3, H, W)
+    orientation: int          # EXIF orientation to undo after decoding (1: none)
+    photometric: "Photometric"
+    geometry: "Geometry"
+
+    @property
+    def is_jpeg(self):
+        return self.data.dim() == 1
+
+
+def read_undecoded(path, annotated_size=None):
+    """(data, orientation, (width, height)) of an image file for PendingImage, decoding no
+    pixels when the device can: an RGB or greyscale JPEG (the header says so) comes as
+    its bytes, with the EXIF orientation load_image would apply and the size in that frame.
+    Any other file, or a JPEG cut short (no end-of-image marker: Pillow's "truncated" error),
+    is decoded here by load_image itself, so its pixels and errors are the CPU path's.
+    """
+    try:
+        with open(path, "rb") as file:      # not torchvision.io.read_file: Pillow's errors
+            data = torch.frombuffer(bytearray(file.read()), dtype=torch.uint8)
+        with Image.open(io.BytesIO(data.numpy())) as image:
+            if image.format == "JPEG" and image.mode in ("RGB", "L") and data[-2:].tolist() == [0xFF, 0xD9]:
+                exif = uses_exif_frame(image, annotated_size)
+                orientation = image.getexif().get(ExifTags.Base.Orientation, 1) if exif else 1
+                return data, orientation, exif_rotated_size(image) if exif else image.size
+    except UNREADABLE as error:
+        raise cannot_read(path, error) from error
+    image = load_image(path, annotated_size)
+    return torch.from_numpy(np.asarray(image).transpose(2, 0, 1).copy()), 1, image.size
 
 
 def resize_image(image, interpolation=Image.BILINEAR):
@@ -167,33 +214,52 @@ def to_model_input(image):
 # one Geometry (sample_geometry) and applied once to the boxes (place_boxes) and the pixels (render).
 
 
-def _lut(function):
-    """A Pillow lookup table (one 8-bit channel) of function(v), rounded and clipped to 0..255."""
-    return [min(255, max(0, round(function(v)))) for v in range(256)]
+# The colour steps are 8-bit lookup tables, made here for both the PIL path (Image.point) and
+# the device path (gpu_augment), n draws at a time: each function maps float64 parameters of
+# shape (n,) to uint8 tables (n, 256).
+LEVELS = torch.arange(256, dtype=torch.float64)
+
+
+def _table(values):
+    """Values rounded (half to even, as Python's round) and clipped to 0..255, as uint8."""
+    return values.round().clamp(0, 255).to(torch.uint8)
+
+
+def brightness_contrast_table(delta, alpha):
+    """Caffe's AdjustBrightness (delta added to every channel, clipped) then AdjustContrast
+    (every channel multiplied by alpha, clipped: convertTo(alpha, 0)), one table equal to the
+    two in turn. torchvision's adjust_contrast blends towards the mean grey instead."""
+    return _table(_table(LEVELS + delta[:, None]).double() * alpha[:, None])
+
+
+def hue_table(degrees):
+    """HSV hue shifted by `degrees`. Pillow's 8-bit hue spans 360 degrees in 256 steps (OpenCV's:
+    180 steps). The shift wraps around the colour circle; Caffe's 8-bit arithmetic clips hues
+    below 0 to red instead, a quirk not copied."""
+    return ((LEVELS + (degrees * 256 / 360)[:, None]).round() % 256).to(torch.uint8)
+
+
+def saturation_table(alpha):
+    """Caffe's AdjustSaturation: HSV saturation multiplied by alpha, clipped."""
+    return _table(LEVELS * alpha[:, None])
+
+
+def _one(value):
+    """A (1,) float64 parameter: the tables' arithmetic is Python's, in double precision."""
+    return torch.tensor([value], dtype=torch.float64)
 
 
 def adjust_brightness_contrast(image, delta=0.0, alpha=1.0):
-    """Caffe's AdjustBrightness (delta added to every channel, clipped) then AdjustContrast
-    (every channel multiplied by alpha, clipped: convertTo(alpha, 0)), as one lookup table
-    equal to the two in turn. torchvision's adjust_contrast blends towards the mean grey instead."""
-    brightness, contrast = _lut(lambda v: v + delta), _lut(lambda v: v * alpha)
-    return image.point([contrast[v] for v in brightness] * 3)
+    """brightness_contrast_table on a PIL RGB image."""
+    return image.point(brightness_contrast_table(_one(delta), _one(alpha))[0].tolist() * 3)
 
 
 def adjust_saturation_hue(image, alpha=1.0, degrees=0.0):
-    """Caffe's AdjustSaturation (HSV saturation multiplied by alpha, clipped) and AdjustHue
-    (HSV hue shifted by `degrees`), in one HSV round trip.
-
-    Pillow's 8-bit hue spans 360 degrees in 256 steps (OpenCV's: 180 steps). The shift wraps
-    around the colour circle; Caffe's 8-bit arithmetic clips hues below 0 to red instead, a
-    quirk not copied.
-    """
+    """Caffe's AdjustSaturation and AdjustHue (saturation_table, hue_table) on a PIL RGB image,
+    in one HSV round trip."""
     h, s, v = image.convert("HSV").split()
-    if degrees:
-        shift = degrees * 256 / 360
-        h = h.point([round(value + shift) % 256 for value in range(256)])
-    if alpha != 1.0:
-        s = s.point(_lut(lambda value: value * alpha))
+    h = h.point(hue_table(_one(degrees))[0].tolist())
+    s = s.point(saturation_table(_one(alpha))[0].tolist())
     return Image.merge("HSV", (h, s, v)).convert("RGB")
 
 
@@ -205,6 +271,16 @@ class Photometric(NamedTuple):
     saturation: float     # HSV saturation multiplied
     hue: float            # HSV hue shifted, degrees
     contrast_first: bool  # contrast before saturation and hue, else after
+
+    @property
+    def contrasts(self):
+        """The contrast factors before and after the HSV step (1: none)."""
+        return (self.contrast, 1.0) if self.contrast_first else (1.0, self.contrast)
+
+    @property
+    def changes_hsv(self):
+        """Whether the HSV round trip runs (it is not lossless, so it is left out when neutral)."""
+        return self.saturation != 1.0 or self.hue != 0.0
 
 
 def sample_photometric():
@@ -230,14 +306,26 @@ def sample_photometric():
 
 def distort(image, p):
     """Apply a Photometric draw `p` to a PIL RGB image."""
-    first, last = (p.contrast, 1.0) if p.contrast_first else (1.0, p.contrast)
+    first, last = p.contrasts
     if p.brightness or first != 1.0:
         image = adjust_brightness_contrast(image, p.brightness, first)
-    if p.saturation != 1.0 or p.hue:
+    if p.changes_hsv:
         image = adjust_saturation_hue(image, p.saturation, p.hue)
     if last != 1.0:
         image = adjust_brightness_contrast(image, alpha=last)
     return image
+
+
+def photometric_tables(draws):
+    """The lookup tables of Photometric draws, in the order `distort` applies them: uint8
+    (n, 4, 256) = brightness and first contrast, hue, saturation, last contrast (identity
+    tables for the steps left out)."""
+    values = torch.tensor([[p.brightness, *p.contrasts, p.saturation, p.hue] for p in draws],
+                          dtype=torch.float64).reshape(-1, 5)
+    brightness, first, last, saturation, hue = values.unbind(1)
+    return torch.stack([brightness_contrast_table(brightness, first), hue_table(hue),
+                        saturation_table(saturation),
+                        brightness_contrast_table(torch.zeros_like(last), last)], dim=1)
 
 
 def centres_inside(boxes, crops):
@@ -375,6 +463,23 @@ def place_boxes(boxes, labels, difficulties, geometry):
     return boxes, labels[keep], difficulties[keep]
 
 
+def visible_window(size, geometry):
+    """Where an image of `size` (width, height) shows in its 300x300 sample: (the whole output
+    pixels (x1, y1, x2, y2), the source box (left, top, right, bottom) in the image's pixels
+    they show, for Image.resize), or None when none of it is inside the crop."""
+    left, top, right, bottom = geometry.crop
+    x, y = geometry.offset
+    width, height = size
+    scale_x, scale_y = IMAGE_SIZE / (right - left), IMAGE_SIZE / (bottom - top)
+    out_x1, out_x2 = (round((max(left, x) - left) * scale_x), round((min(right, x + width) - left) * scale_x))
+    out_y1, out_y2 = (round((max(top, y) - top) * scale_y), round((min(bottom, y + height) - top) * scale_y))
+    if out_x2 <= out_x1 or out_y2 <= out_y1:
+        return None
+    source = (max(0.0, left - x + out_x1 / scale_x), max(0.0, top - y + out_y1 / scale_y),
+              min(width, left - x + out_x2 / scale_x), min(height, top - y + out_y2 / scale_y))
+    return (out_x1, out_y1, out_x2, out_y2), source
+
+
 def render(image, geometry, photometric=None):
     """The sample's 300x300 pixels, each computed once from the source image: PIL RGB image,
     Geometry, Photometric (or None) -> PIL RGB 300x300.
@@ -387,43 +492,53 @@ def render(image, geometry, photometric=None):
     tests) except at the image's edge on the canvas, which lands on whole output pixels here,
     and where the colour steps' clipping and HSV rounding meet the resize filter's blending.
     """
-    left, top, right, bottom = geometry.crop
-    x, y = geometry.offset
-    width, height = image.size
-    scale_x, scale_y = IMAGE_SIZE / (right - left), IMAGE_SIZE / (bottom - top)
     output = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), MEAN_PIXEL)
-    # The image inside the crop: whole output pixels, and the canvas window they show.
-    out_x1, out_x2 = (round((max(left, x) - left) * scale_x), round((min(right, x + width) - left) * scale_x))
-    out_y1, out_y2 = (round((max(top, y) - top) * scale_y), round((min(bottom, y + height) - top) * scale_y))
-    if out_x2 > out_x1 and out_y2 > out_y1:
-        source = (max(0.0, left - x + out_x1 / scale_x), max(0.0, top - y + out_y1 / scale_y),
-                  min(width, left - x + out_x2 / scale_x), min(height, top - y + out_y2 / scale_y))
-        patch = image.resize((out_x2 - out_x1, out_y2 - out_y1), geometry.interpolation, box=source,
-                             reducing_gap=1.0)
-        output.paste(patch if photometric is None else distort(patch, photometric), (out_x1, out_y1))
+    window = visible_window(image.size, geometry)
+    if window is not None:
+        (x1, y1, x2, y2), source = window
+        patch = image.resize((x2 - x1, y2 - y1), geometry.interpolation, box=source, reducing_gap=1.0)
+        output.paste(patch if photometric is None else distort(patch, photometric), (x1, y1))
     return output.transpose(Image.FLIP_LEFT_RIGHT) if geometry.flip else output
 
 
-def train_transform(image, boxes, labels, difficulties, crop="caffe", zoom_out=ZOOM_OUT_MAX):
-    """Paper augmentation. Uses the global torch RNG (the dataset seeds it per sample).
+class Augmentation(NamedTuple):
+    """One draw of the paper's augmentation for an image, and its objects placed by it."""
+    photometric: Photometric
+    geometry: Geometry
+    boxes: torch.Tensor         # (n', 4) fractions of the output, in [0, 1]
+    labels: torch.Tensor        # (n',)
+    difficulties: torch.Tensor  # (n',)
 
-    image: PIL RGB; boxes: float (n, 4) pixels; crop: the random crop's policy (CROP_POLICIES);
-    zoom_out: the largest zoom-out ratio (1: none). Returns image (3, 300, 300) normalised, boxes
-    (n', 4) fractional in [0, 1], labels (n',), difficulties (n',). Empty boxes (x2 <= x1 or
-    y2 <= y1) are dropped first, as v2.SanitizeBoundingBoxes(min_size=0) would.
 
-    The steps are drawn in Caffe's order and applied together (render), where torchvision's v2
-    pipeline (RandomPhotometricDistort, RandomZoomOut, a crop, RandomHorizontalFlip, Resize)
-    would go over the pixels once per step.
+def draw_augmentation(size, boxes, labels, difficulties, crop="caffe", zoom_out=ZOOM_OUT_MAX):
+    """The paper's augmentation drawn for an image of `size` (width, height), from the global
+    torch RNG (the dataset seeds it per sample), in Caffe's order: the photometric distortion,
+    then the geometry. Both the CPU path (train_transform) and the device path draw here.
+
+    boxes: float (n, 4) pixels; crop: the random crop's policy (CROP_POLICIES); zoom_out: the
+    largest zoom-out ratio (1: none). Empty boxes (x2 <= x1 or y2 <= y1) are dropped first, as
+    v2.SanitizeBoundingBoxes(min_size=0) would, and again the boxes clipped to a line.
     """
     valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
     boxes, labels, difficulties = boxes[valid], labels[valid], difficulties[valid]
     photometric = sample_photometric()
-    geometry = sample_geometry(*image.size, boxes, crop, zoom_out)
+    geometry = sample_geometry(*size, boxes, crop, zoom_out)
     boxes, labels, difficulties = place_boxes(boxes, labels, difficulties, geometry)
-    kept = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])   # not clipped to a line
-    image = render(image, geometry, photometric)
-    return to_model_input(image), boxes[kept], labels[kept], difficulties[kept]
+    kept = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    return Augmentation(photometric, geometry, boxes[kept], labels[kept], difficulties[kept])
+
+
+def train_transform(image, boxes, labels, difficulties, crop="caffe", zoom_out=ZOOM_OUT_MAX):
+    """Paper augmentation (draw_augmentation) on a PIL RGB image. Returns image (3, 300, 300)
+    normalised, boxes (n', 4) fractional in [0, 1], labels (n',), difficulties (n',).
+
+    The steps are drawn first and applied together (render), where torchvision's v2
+    pipeline (RandomPhotometricDistort, RandomZoomOut, a crop, RandomHorizontalFlip, Resize)
+    would go over the pixels once per step.
+    """
+    drawn = draw_augmentation(image.size, boxes, labels, difficulties, crop, zoom_out)
+    image = render(image, drawn.geometry, drawn.photometric)
+    return to_model_input(image), drawn.boxes, drawn.labels, drawn.difficulties
 
 
 def eval_transform(image, boxes, labels, difficulties):
@@ -468,6 +583,9 @@ def check_same_classes(expected, found, expected_source, found_source):
     raise DataError(f"{expected_source} has classes {in_order[0]}, but {found_source} has {in_order[1]}")
 
 
+DECODE_PLACES = ("cpu", "device")
+
+
 def sample_seed(seed, epoch, index):
     """A well-mixed 64-bit seed that depends only on (seed, epoch, index)."""
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0])
@@ -484,12 +602,15 @@ class PascalVOCDataset(torch.utils.data.Dataset):
     zoom_out: the largest zoom-out ratio (the paper's 4; 1 for none).
     on_error: "raise" a DataError for an unreadable image, or "mark": return a BadSample
     (collate_fn leaves it out and reports its message).
+    decode: "cpu" (items as above) or "device" (training only): a worker reads the file and
+    draws the augmentation but makes no pixels; an item's image is a PendingImage, which
+    gpu_augment.render_batch turns into the same pixels on the device.
     Call set_epoch(epoch) before iterating over an epoch: the epoch lives in shared memory, so
     DataLoader workers (persistent or not) see it.
     """
 
     def __init__(self, data_folder, split, keep_difficult=True, seed=0, augment=None, crop="caffe",
-                 zoom_out=ZOOM_OUT_MAX, on_error="raise"):
+                 zoom_out=ZOOM_OUT_MAX, on_error="raise", decode="cpu"):
         split = split.upper()
         if split not in ("TRAIN", "TEST"):
             raise ValueError(f"split must be 'train' or 'test', not {split!r}")
@@ -515,6 +636,11 @@ class PascalVOCDataset(torch.utils.data.Dataset):
         if on_error not in ("raise", "mark"):
             raise ValueError(f"on_error must be 'raise' or 'mark', not {on_error!r}")
         self.on_error = on_error
+        if decode not in DECODE_PLACES:
+            raise ValueError(f"decode must be one of {DECODE_PLACES}, not {decode!r}")
+        if decode == "device" and not self.augment:
+            raise ValueError('decode="device" makes augmented training samples: it needs augment')
+        self.decode = decode
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
 
     def set_epoch(self, epoch):
@@ -529,8 +655,9 @@ class PascalVOCDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         objects = self.objects[index]
+        read = read_undecoded if self.decode == "device" else load_image
         try:
-            image = load_image(self.images[index], objects.get("size"))
+            image = read(self.images[index], objects.get("size"))
         except DataError as error:
             if self.on_error == "raise":
                 raise
@@ -545,17 +672,23 @@ class PascalVOCDataset(torch.utils.data.Dataset):
             return eval_transform(image, boxes, labels, difficulties)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed(self.seed, self.epoch, index))
-            return train_transform(image, boxes, labels, difficulties, self.crop, self.zoom_out)
+            if self.decode == "cpu":
+                return train_transform(image, boxes, labels, difficulties, self.crop, self.zoom_out)
+            data, orientation, size = image
+            drawn = draw_augmentation(size, boxes, labels, difficulties, self.crop, self.zoom_out)
+        pending = PendingImage(self.images[index], data, orientation, drawn.photometric, drawn.geometry)
+        return pending, drawn.boxes, drawn.labels, drawn.difficulties
 
 
 def collate_fn(batch):
-    """Samples -> a Batch: images stacked to (N, 3, 300, 300); boxes, labels and difficulties
-    lists of N tensors; BadSamples left out, their messages in `problems`."""
+    """Samples -> a Batch: images stacked to (N, 3, 300, 300) (PendingImages: listed, for
+    gpu_augment.render_batch); boxes, labels and difficulties lists of N tensors; BadSamples
+    left out, their messages in `problems`."""
     problems = [sample.message for sample in batch if isinstance(sample, BadSample)]
     good = [sample for sample in batch if not isinstance(sample, BadSample)]
     if not good:
         return Batch(torch.zeros(0, 3, IMAGE_SIZE, IMAGE_SIZE), [], [], [], problems)
     images, boxes, labels, difficulties = zip(*good)
     # default_collate stacks straight into shared memory inside DataLoader workers, saving a copy
-    return Batch(torch.utils.data.default_collate(images), list(boxes), list(labels),
-                 list(difficulties), problems)
+    images = list(images) if isinstance(images[0], PendingImage) else torch.utils.data.default_collate(images)
+    return Batch(images, list(boxes), list(labels), list(difficulties), problems)
