@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from datasets import (CROP_POLICIES, ZOOM_OUT_MAX, DataError, PascalVOCDataset, check_same_classes,
                       collate_fn)
+from gpu_augment import render_batch
 from model import MultiBoxLoss, SSD300, load_for_new_classes, read_checkpoint
 from utils import (HelpFormatter, add_precision_arguments, atomic_torch_save, atomic_write, bounded,
                    choose_precision, describe_precision, pick_device, remove_stale_temporaries,
@@ -75,6 +76,11 @@ def build_parser(suppress_defaults=False):
     data.add_argument("--zoom-out", type=bounded(float, 1), default=d(ZOOM_OUT_MAX),
                       help="largest zoom-out ratio of the canvas's side to the image's (Caffe's "
                            "max_expand_ratio, the paper's 4; 1: no zoom out)")
+    data.add_argument("--gpu-augment", action=argparse.BooleanOptionalAction, default=d(None),
+                      help="decode the JPEGs and make the augmented samples on the device (nvJPEG "
+                           "and tensor ops: the same pixels as the CPU path, to within one level "
+                           "in a few pixels); the loading processes only read the files and draw "
+                           "the augmentation. Default: on with CUDA, off otherwise")
     data.add_argument("--skip-bad-images", action="store_true", default=d(False),
                       help="leave out images that cannot be read, with a warning, instead of "
                            "stopping (with a checkpoint) at the first one")
@@ -444,9 +450,13 @@ class Trainer:
 
     def _build_data(self):
         config = self.config
+        # Left unset (auto) in the config, so that a run resumed on another device chooses again.
+        gpu_augment = config.get("gpu_augment")
+        gpu_augment = self.device.type == "cuda" if gpu_augment is None else gpu_augment
         self.dataset = PascalVOCDataset(config["data_folder"], "train", config["keep_difficult"],
                                         config["seed"], crop=config.get("crop", "caffe"),
-                                        zoom_out=config.get("zoom_out", ZOOM_OUT_MAX), on_error="mark")
+                                        zoom_out=config.get("zoom_out", ZOOM_OUT_MAX), on_error="mark",
+                                        decode="device" if gpu_augment else "cpu")
         if "label_map" in config:                                               # resumed run
             check_same_classes(config["label_map"], self.dataset.label_map,
                                "the checkpoint", config["data_folder"])
@@ -536,7 +546,7 @@ class Trainer:
         with bar, StopRequest() as stop:
             try:
                 while self.iteration < self.config["iterations"]:
-                    batch = self._readable(next(stream))
+                    batch = self._readable(self._rendered(next(stream)))
                     terms, stop_now = self.step(batch, stop)
                     bar.update(1)
                     self._count(terms)
@@ -566,6 +576,13 @@ class Trainer:
             if remove_stale_temporaries(self.out):
                 print(f"removed temporary files left in {self.out} by an interrupted write")
             write_log(self.out / "log.csv", self.history)
+
+    def _rendered(self, batch):
+        """The batch with its pixels: made on the device here with --gpu-augment (the images
+        that fail to decode join batch.problems), else already made by the loader."""
+        if self.dataset.decode == "cpu":
+            return batch
+        return render_batch(batch, self.device, self.memory_format)
 
     def _readable(self, batch):
         """The batch's readable samples. An unreadable image stops the run with a checkpoint
