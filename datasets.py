@@ -11,7 +11,6 @@ or on the training device (decode="device", gpu_augment.py). Its randomness depe
 (seed, epoch, index), so a sample does not depend on the number of DataLoader workers or on the
 order in which samples are drawn.
 """
-import io
 import json
 from pathlib import Path
 from typing import NamedTuple
@@ -173,9 +172,10 @@ def read_undecoded(path, annotated_size=None):
     is decoded here by load_image itself, so its pixels and errors are the CPU path's.
     """
     try:
-        with open(path, "rb") as file:      # not torchvision.io.read_file: Pillow's errors
+        # Python's reads (not torchvision.io.read_file), so that errors read as load_image's.
+        with open(path, "rb") as file:
             data = torch.frombuffer(bytearray(file.read()), dtype=torch.uint8)
-        with Image.open(io.BytesIO(data.numpy())) as image:
+        with Image.open(path) as image:                        # the header only
             if image.format == "JPEG" and image.mode in ("RGB", "L") and data[-2:].tolist() == [0xFF, 0xD9]:
                 exif = uses_exif_frame(image, annotated_size)
                 orientation = image.getexif().get(ExifTags.Base.Orientation, 1) if exif else 1

@@ -579,8 +579,9 @@ class Trainer:
 
     def _rendered(self, batch):
         """The batch with its pixels: made on the device here with --gpu-augment (the images
-        that fail to decode join batch.problems), else already made by the loader."""
-        if self.dataset.decode == "cpu":
+        that fail to decode join batch.problems), else already made by the loader (so too an
+        empty batch, every image unreadable)."""
+        if isinstance(batch.images, torch.Tensor):
             return batch
         return render_batch(batch, self.device, self.memory_format)
 
