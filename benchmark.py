@@ -3,6 +3,7 @@
     python benchmark.py                      # every section, CPU, 2 threads
     python benchmark.py model loss detect    # some sections
     python benchmark.py train eval --device cuda
+    python benchmark.py pipeline --device cuda --workers 8
 
 Sections:
   model       for each base (VGG16, ResNet-34): parameters, FLOPs, and forward ms/image at
@@ -20,6 +21,10 @@ Sections:
               decoded (the image files exist, empty)
   train       training images/s at batch 8: both bases at full width and at the toy preset's,
               fp32 and bf16 + channels_last (CPU) or without and with AMP (CUDA)
+  pipeline    end-to-end training images/s (train.py's loop: loading, augmentation, step) on
+              500x375 JPEGs, CPU (PIL) augmentation against --gpu-augment, beside the
+              synthetic step rate at the same settings: VGG16 at batch 32 on CUDA, the toy
+              preset on a CPU; --workers loading processes
   eval        evaluation images/s of eval.predict (data loading, network and decoding), both
               bases at full and toy width, on untrained weights (more boxes reach NMS than
               with a trained model)
@@ -306,35 +311,79 @@ def section_coco(device, args):
                "s", f"118,287 images, 860,001 boxes, {size_mb:.0f} MB; target < 60 s")
 
 
+def step_rate(device, batch, backbone, width, dtype, fmt, repeats, n_classes=21, **config):
+    """Training images/s of whole steps (forward, loss, backward, optimiser) on a synthetic
+    batch, no data loading; config: train.py settings for the network and optimiser."""
+    g = torch.Generator().manual_seed(0)
+    boxes, labels = random_targets(batch, n_classes, g)
+    boxes = [b.to(device) for b in boxes]
+    labels = [lab.to(device) for lab in labels]
+    net = model.SSD300(n_classes, backbone, width=width, base_bn=config.get("base_bn"))
+    net = net.to(device, memory_format=fmt).train()
+    criterion = model.MultiBoxLoss(net.priors_cxcy)
+    optimizer = train.make_optimizer(net, dict(dict(weight_decay=5e-4, lr=1e-3, momentum=0.9), **config))
+    x = torch.randn(batch, 3, 300, 300, generator=g).to(device, memory_format=fmt)
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
+
+    def step():
+        loss = train.forward_loss(net, criterion, x, boxes, labels, dtype)[0]
+        train.backward_step(loss, optimizer, scaler)
+    return batch / timed(step, device, repeats=repeats, warmup=2)
+
+
 def section_train(device, args):
     """Whole training steps (forward, loss, backward, SGD) on synthetic batches: no data loading."""
-    g = torch.Generator().manual_seed(0)
     on_cuda = device.type == "cuda"
-
     modes = [("fp32, no AMP", None), ("bf16 AMP", torch.bfloat16)] if on_cuda else \
         [("fp32", None), ("bf16 autocast", torch.bfloat16)]
     for batch in ((8, 32) if on_cuda else (8,)):
-        images = torch.randn(batch, 3, 300, 300)
-        boxes, labels = random_targets(batch, 21, g)
-        boxes = [b.to(device) for b in boxes]
-        labels = [lab.to(device) for lab in labels]
         for name, backbone, width in BASES + TOY:
             for mode, dtype in modes:
                 # channels_last goes with bf16 on the CPU, and always on CUDA (cuDNN's NHWC kernels).
                 fmt = torch.channels_last if on_cuda or dtype else torch.contiguous_format
-                net = model.SSD300(21, backbone, width=width).to(device, memory_format=fmt).train()
-                criterion = model.MultiBoxLoss(net.priors_cxcy)
-                optimizer = train.make_optimizer(net, dict(weight_decay=5e-4, lr=1e-3, momentum=0.9))
-                x = images.to(device, memory_format=fmt)
-                scaler = torch.amp.GradScaler(device.type, enabled=False)
-
-                def step():
-                    loss = train.forward_loss(net, criterion, x, boxes, labels, dtype)[0]
-                    train.backward_step(loss, optimizer, scaler)
                 repeats = 3 if width == 1.0 and not on_cuda else 10
-                t = timed(step, device, repeats=repeats, warmup=2)
+                rate = step_rate(device, batch, backbone, width, dtype, fmt, repeats)
                 layout = "channels_last" if fmt == torch.channels_last else "NCHW"
-                report("train", f"{name}, {mode}, {layout}, batch {batch}", batch / t, "images/s")
+                report("train", f"{name}, {mode}, {layout}, batch {batch}", rate, "images/s")
+
+
+# The pipeline section's runs: on CUDA the paper's network and batch (no ImageNet download),
+# on a CPU the toy preset.
+PIPELINE_RUNS = {"cuda": ["--batch-size", "32", "--no-pretrained"], "cpu": ["--preset", "toy"]}
+
+
+def pipeline_rate(lists, device, settings, augment_flag, iterations, workers):
+    """Training images/s through train.py's own loop (loading, augmentation, step) as its log
+    reports them, over the second `iterations` of a run of twice that (start-up left out)."""
+    with tempfile.TemporaryDirectory() as out, contextlib.redirect_stderr(io.StringIO()), \
+            contextlib.redirect_stdout(io.StringIO()):
+        code = train.main(settings + [augment_flag, "--data-folder", str(lists), "--out", out,
+                                      "--device", str(device), "--workers", str(workers),
+                                      "--iterations", str(2 * iterations), "--print-every", str(iterations),
+                                      "--save-every", str(10 ** 9), "--eval-every", "0"])
+        assert code == 0, f"train.py {augment_flag} failed"
+        return train.read_log(out)[1]["images_per_s"][-1]
+
+
+def section_pipeline(device, args):
+    """End-to-end training rate on 500x375 JPEGs: the CPU (PIL) augmentation in the loaders
+    against --gpu-augment, and the synthetic step rate of the same network, batch and precision
+    (the data path's ceiling)."""
+    on_cuda = device.type == "cuda"
+    settings = PIPELINE_RUNS["cuda" if on_cuda else "cpu"]
+    config = train.parse_config(settings)
+    dtype, fmt = utils.choose_precision(config["amp"], device)
+    iterations = 20 if on_cuda else 6
+    with tempfile.TemporaryDirectory() as tmp:
+        lists = shapes_lists(Path(tmp), 512 if on_cuda else 64, 8, size=(500, 375))
+        note = (f"{config['backbone']} x{config['width']}, batch {config['batch_size']}, "
+                f"{utils.describe_precision(dtype, fmt)}, {args.workers} workers")
+        for flag, what in (("--no-gpu-augment", "CPU (PIL) augmentation"), ("--gpu-augment", "--gpu-augment")):
+            rate = pipeline_rate(lists, device, settings, flag, iterations, args.workers)
+            report("pipeline", f"training, {what}", rate, "images/s", note)
+    rate = step_rate(device, config["batch_size"], config["backbone"], config["width"], dtype, fmt,
+                     repeats=10, n_classes=4, base_bn=config["base_bn"], optimizer=config["optimizer"])
+    report("pipeline", "training step, synthetic batch (no data)", rate, "images/s", note)
 
 
 def section_eval(device, args):
@@ -396,7 +445,7 @@ def section_deploy(device, args):
 
 SECTIONS = dict(model=section_model, loss=section_loss, detect=section_detect,
                 transforms=section_transforms, map=section_map, coco=section_coco, train=section_train,
-                eval=section_eval, deploy=section_deploy)
+                pipeline=section_pipeline, eval=section_eval, deploy=section_deploy)
 
 
 def main(argv=None):
@@ -405,7 +454,8 @@ def main(argv=None):
                    help=f"which to run, of {', '.join(SECTIONS)} (default: all)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, default=2, help="torch threads on CPU")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers for the eval section")
+    p.add_argument("--workers", type=int, default=2,
+                   help="DataLoader workers for the eval and pipeline sections")
     args = p.parse_args(argv)
     unknown = set(args.sections) - set(SECTIONS)
     if unknown:
