@@ -58,3 +58,20 @@ def test_bf16_autocast_forward_is_close_to_fp32():
     for a, b in ((locs32, locs16), (scores32, scores16)):
         assert torch.isfinite(b).all()
         assert (a - b.float()).norm() / a.norm() < 3e-2
+
+
+def test_gpu_augment_on_cuda_makes_the_cpu_paths_samples(shapes_lists):
+    """render_batch on CUDA (nvJPEG) against the PIL path. nvJPEG's IDCT and chroma upsampling
+    are not libjpeg-turbo's, so the pixels may differ by a level or two, but not more on average."""
+    import datasets
+    import gpu_augment
+    cpu = datasets.PascalVOCDataset(shapes_lists, "train")
+    device = datasets.PascalVOCDataset(shapes_lists, "train", decode="device")
+    batch = gpu_augment.render_batch(datasets.collate_fn([device[i] for i in range(16)]),
+                                     torch.device("cuda"), torch.channels_last)
+    expected = datasets.collate_fn([cpu[i] for i in range(16)])
+    assert batch.images.is_cuda and batch.images.is_contiguous(memory_format=torch.channels_last)
+    assert all(torch.equal(a, b) for a, b in zip(batch.boxes, expected.boxes))
+    std = torch.tensor(datasets.IMAGENET_STD).view(1, 3, 1, 1) * 255
+    levels = (batch.images.cpu() - expected.images).abs() * std                # 0-255 units
+    assert levels.mean() < 1.0, levels.mean(dim=(1, 2, 3))
