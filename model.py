@@ -424,9 +424,13 @@ class SSD300(nn.Module):
 # ----------------------------------------------------------------------------------------
 
 def concat_objects(boxes, labels, device):
-    """Per-image lists -> (T x 4 float boxes, T labels, T image index), all on `device`."""
-    counts = torch.tensor([len(b) for b in boxes], device=device)
-    image = torch.repeat_interleave(torch.arange(len(boxes), device=device), counts)
+    """Per-image lists -> (T x 4 float boxes, T labels, T image index), all on `device`.
+
+    The image index is filled on the device from the lists' lengths: a tensor of counts
+    copied from the host, and repeat_interleave's output size, would each wait for a GPU.
+    """
+    image = torch.cat([torch.full((len(b),), i, dtype=torch.long, device=device)
+                       for i, b in enumerate(boxes)])
     return (torch.cat(boxes).to(device=device, dtype=torch.float32),
             torch.cat(labels).to(device=device, dtype=torch.long), image)
 
@@ -446,26 +450,29 @@ def forced_matches(iou, image, n_images):
     Returns the prior index of each object, T.
     """
     T, P = iou.shape
+    objects = torch.arange(T, device=iou.device)
     prior = torch.full((T,), -1, dtype=torch.long, device=iou.device)
     taken = torch.zeros(n_images, P, dtype=torch.bool, device=iou.device)
+    # Every round works on all T rows, matched ones masked out, rather than on the unmatched
+    # rows picked out by index: the loop's end test is then the one host synchronisation of
+    # a round on a GPU. How many rounds there are depends on the data.
     while True:
-        open_ = (prior < 0).nonzero().squeeze(1)
-        if open_.numel() == 0:
-            return prior
-        img = image[open_]
-        cand = iou[open_].masked_fill(taken[img], -1.0)                # U x P
-        best_iou, best_prior = cand.max(dim=1)                         # U
+        open_ = prior < 0                                               # T
+        cand = iou.masked_fill(taken[image] | ~open_[:, None], -1.0)    # T x P
+        best_iou, best_prior = cand.max(dim=1)                         # T
         # Best IoU of every (image, prior) column over the unmatched objects.
         col_best = torch.full((n_images, P), -2.0, dtype=iou.dtype, device=iou.device)
-        col_best.scatter_reduce_(0, img[:, None].expand_as(cand), cand, "amax")
-        wins = best_iou >= col_best[img, best_prior]
+        col_best.scatter_reduce_(0, image[:, None].expand_as(cand), cand, "amax")
+        wins = open_ & (best_iou >= col_best[image, best_prior])
         # Exact ties between objects for one prior: the lowest object index wins.
-        key = img * P + best_prior
+        key = image * P + best_prior
         first = torch.full((n_images * P,), T, dtype=torch.long, device=iou.device)
-        first.scatter_reduce_(0, key[wins], open_[wins], "amin")
-        wins &= first[key] == open_
-        prior[open_[wins]] = best_prior[wins]
-        taken[img[wins], best_prior[wins]] = True
+        first.scatter_reduce_(0, key, torch.where(wins, objects, T), "amin")
+        wins &= first[key] == objects
+        prior = torch.where(wins, best_prior, prior)
+        taken |= (first < T).view(n_images, P)
+        if not bool((prior < 0).any()):
+            return prior
 
 
 def match_priors(boxes, labels, image, n_images, priors_cxcy, threshold=0.5):
