@@ -17,7 +17,7 @@ import torchvision
 from torchvision.models.resnet import BasicBlock
 from torchvision.ops import FrozenBatchNorm2d, box_iou
 
-from utils import EVAL_DECODING, IMAGE_SIZE, cxcy_to_xy, decode, encode, greedy_nms, xy_to_cxcy
+from utils import EVAL_DECODING, IMAGE_SIZE, cxcy_to_xy, decode, encode, nms, xy_to_cxcy
 
 # The six prediction maps: (name, side of the square feature map, extra aspect ratios).
 # Each location has a square prior of the map's min size, a square of sqrt(min * max),
@@ -657,14 +657,15 @@ def detect_objects(pred_locs, pred_scores, priors_cxcy, min_score=EVAL_DECODING.
     """
     N, P, C = pred_scores.shape
     boxes, probs = decode_predictions(pred_locs, pred_scores, priors_cxcy)
-    k = P if per_class_top_k is None else min(per_class_top_k, P)
+    # Only as many candidates per (image, class) as the fullest one has above min_score: with
+    # a trained model's scores a few, and a top few is far cheaper than a top 400.
+    k = int((probs > min_score).sum(dim=2).max())
+    if per_class_top_k is not None:
+        k = min(per_class_top_k, k)
     scores, prior = probs.topk(k, dim=2)                                     # N x (C-1) x k
-    # Only as many candidates per (image, class) as the fullest one has above min_score.
-    k = int((scores > min_score).sum(dim=2).max())
-    scores, prior = scores[..., :k], prior[..., :k]
     cand_boxes = boxes[torch.arange(N, device=boxes.device)[:, None, None], prior]  # N x (C-1) x k x 4
-    keep = greedy_nms(cand_boxes.flatten(0, 1), (scores > min_score).flatten(0, 1),
-                      max_overlap).view(N, C - 1, k)
+    keep = nms(cand_boxes.flatten(0, 1), (scores > min_score).flatten(0, 1),
+               max_overlap).view(N, C - 1, k)
     image, cls, _ = keep.nonzero(as_tuple=True)
     scores, cand_boxes = scores[keep], cand_boxes[keep]
     # top_k per image: order by score, then (stably) by image; keep each image's first top_k.

@@ -523,6 +523,41 @@ def test_greedy_nms_equals_torchvision_nms(seed):
         assert keep[i].nonzero().flatten().tolist() == sorted(idx[want].tolist())
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_nms_per_group_equals_greedy_nms(seed):
+    """utils.nms's two exact methods on many crowded candidates (long suppression chains),
+    exact duplicates (only the given order decides), scattered invalid boxes and a group
+    with none valid."""
+    g = torch.Generator().manual_seed(seed)
+    groups, k = 40, 400
+    centres = torch.rand(groups, 1, 2, generator=g) * 0.6 + 0.2
+    wh = 0.05 + 0.3 * torch.rand(groups, k, 2, generator=g)
+    xy = centres + 0.1 * torch.randn(groups, k, 2, generator=g)
+    boxes = torch.cat([xy - wh / 2, xy + wh / 2], dim=2)
+    boxes[:, 1::7] = boxes[:, ::7][:, :boxes[:, 1::7].size(1)]
+    valid = torch.rand(groups, k, generator=g) < 0.8
+    valid[3] = False
+    keep = utils.greedy_nms(boxes, valid, 0.45)
+    assert 0 < int(keep.sum()) < int(valid.sum()) and not keep[3].any()
+    assert torch.equal(utils.nms_per_group(boxes, valid, 0.45), keep)
+
+
+def test_detect_objects_is_the_same_with_either_nms(monkeypatch):
+    """Random scores: 400 candidates per class reach NMS, where utils.nms picks
+    nms_per_group on a CPU; greedy_nms must give the very same detections."""
+    g = torch.Generator().manual_seed(3)
+    priors = create_priors()
+    locs = 0.5 * torch.randn(3, 8732, 4, generator=g)
+    scores = torch.randn(3, 8732, 6, generator=g)
+    found = []
+    for min_size in (0, 10 ** 9):                  # every group per group, then none
+        monkeypatch.setattr(utils, "NMS_PER_GROUP_MIN_SIZE", min_size)
+        found.append(model.detect_objects(locs, scores, priors))
+    for per_group, greedy in zip(*found):
+        assert [len(t) for t in per_group] == [len(t) for t in greedy] == [200] * 3
+        assert all(torch.equal(a, b) for a, b in zip(per_group, greedy))
+
+
 def test_detect_objects_with_nothing_above_threshold():
     priors = create_priors()
     scores = torch.zeros(2, 8732, 3)
