@@ -535,8 +535,8 @@ class MultiBoxLoss(nn.Module):
         are lists of per-image tensors.
 
         Returns (loss, loc_loss, conf_loss), each a 0-dim tensor (loss = conf + alpha * loc).
-        Masked sums over every prior rather than boolean-mask selections: no data-dependent
-        shape, so no host synchronisation on a GPU beyond forced_matches' (see there).
+        On a GPU it waits for the device only in forced_matches (once per round) and for
+        the positives' indices (see below): the hard negatives need no per-batch count.
         """
         device = self.priors_cxcy.device
         all_boxes, all_labels, image = concat_objects(boxes, labels, device)
@@ -545,13 +545,17 @@ class MultiBoxLoss(nn.Module):
         positive = true_labels > 0                                      # N x P
         n_total = positive.sum().clamp(min=1).float()
 
-        # Localisation: only positives; the matched box is encoded against its prior.
-        true_locs = encode_matches(all_boxes, matched, self.priors_cxcy)   # N x P x 4
+        # Localisation: only positives; the matched box is encoded against its prior. They
+        # are a few percent of the priors, picked by index: this nonzero is the loss's one
+        # wait on a GPU besides forced_matches', which a step cannot avoid anyway. A masked
+        # sum over every prior has none, but made this term 5x slower on a CPU (batch 32:
+        # 12 ms against 2, one thread), the whole loss 1.2x.
+        image_index, prior_index = positive.nonzero(as_tuple=True)                # n_pos each
+        true_locs = encode(xy_to_cxcy(all_boxes[matched[image_index, prior_index]]),
+                           self.priors_cxcy[prior_index])
         loss_fn = F.l1_loss if self.loc_loss == "l1" else F.smooth_l1_loss
-        per_prior = loss_fn(pred_locs.float(), true_locs, reduction="none").sum(dim=2)
-        # where, not a product: a non-positive prior's target may be infinite (an object
-        # of zero width), and inf * 0 is NaN.
-        loc_loss = torch.where(positive, per_prior, 0.0).sum() / n_total
+        loc_loss = loss_fn(pred_locs[image_index, prior_index].float(), true_locs,
+                           reduction="sum") / n_total
 
         # Confidence: cross-entropy (float32) over the positives and the hard negatives.
         conf_loss = MinedCrossEntropy.apply(pred_scores.float(), true_labels, positive,
@@ -564,11 +568,11 @@ class MinedCrossEntropy(torch.autograd.Function):
     each image's hard negatives (`hard_negatives`), in the scores' dtype.
 
     scores: N x P x C logits (class 0 the background); labels, positive: N x P.
-    Its own backward, one pass over the scores, (softmax - one-hot) * selected: autograd
-    through log_softmax, the label gather and a mask takes several (a zero gradient, the
-    gather's scatter, log_softmax's own backward), and on a CPU that made the full-tensor
-    loss about 1.4x slower (batch 32, one thread) than the boolean-indexed one it replaced,
-    which touched only the selected priors' rows.
+    Its own backward, (softmax - one-hot) of the selected priors, in place over the saved
+    log-probabilities: autograd through F.cross_entropy over every prior takes several
+    passes over the scores (a zero gradient, the label gather's scatter, log_softmax's own
+    backward) and made the whole loss 1.2-1.25x slower on a CPU (batch 8 and 32, one
+    thread), slower than the boolean-indexed cross-entropy it replaces.
     """
 
     @staticmethod
@@ -583,24 +587,14 @@ class MinedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         log_probs, labels, selected = ctx.saved_tensors
-        weight = (selected * grad)[..., None]                                    # N x P x 1
-        # In place: log_probs is this function's own buffer, and a fresh N x P x C one costs
-        # as much again on a CPU (page faults). A second backward through the same graph
-        # (retain_graph) then fails loudly on the modified saved tensor.
-        grad_scores = log_probs.exp_().mul_(weight)
-        grad_scores.scatter_add_(2, labels[..., None], -weight)
+        # In place: log_probs is this function's own buffer, and filling a fresh N x P x C
+        # one took several times longer on a CPU (profiled, batch 32). A second backward
+        # through the same graph (retain_graph) then fails loudly on the modified saved
+        # tensor. Zeros by a fill, not a product with the mask: a prior left out must pass
+        # on no NaN.
+        grad_scores = log_probs.exp_().masked_fill_(~selected[..., None], 0.0).mul_(grad)
+        grad_scores.scatter_add_(2, labels[..., None], -(selected * grad)[..., None])
         return grad_scores, None, None, None
-
-
-def encode_matches(all_boxes, matched, priors_cxcy):
-    """Regression targets of every prior: its matched object's box (all_boxes T x 4 corners,
-    matched N x P indices into them) encoded against the prior (priors_cxcy P x 4).
-
-    Returns N x P x 4; only the positives' rows mean anything (zeros when T = 0).
-    """
-    if all_boxes.size(0) == 0:
-        return priors_cxcy.new_zeros(*matched.shape, 4)
-    return encode(xy_to_cxcy(all_boxes)[matched], priors_cxcy)
 
 
 def hard_negatives(background_loss, positive, neg_pos_ratio):
@@ -618,8 +612,9 @@ def hard_negatives(background_loss, positive, neg_pos_ratio):
     n_positives = positive.sum(dim=1, keepdim=True)                           # N x 1
     P = positive.size(1)
     quota = torch.minimum(neg_pos_ratio * n_positives, P - n_positives)       # N x 1
-    # Positives rank after every negative (background losses are >= 0).
-    key = background_loss.masked_fill(positive, -math.inf)
+    # Positives rank after every negative (background losses are >= 0); NaN (a diverging
+    # network) before all, as in a topk, so that the loss shows it.
+    key = torch.where(background_loss.isnan(), math.inf, background_loss).masked_fill(positive, -math.inf)
     filler = torch.where(torch.arange(P, device=key.device) < P - quota, math.inf, -math.inf)
     v = torch.cat([key, filler], 1).kthvalue(P + 1, dim=1, keepdim=True).values  # N x 1
     ties = key == v

@@ -428,6 +428,30 @@ def test_loss_without_any_object_is_finite_zero():
     assert loss.item() == 0.0 and torch.isfinite(locs.grad).all() and torch.isfinite(scores.grad).all()
 
 
+@pytest.mark.parametrize("loc", ["l1", "smooth_l1"])
+def test_a_nan_prediction_gives_a_nan_loss_or_no_nan_gradient(loc):
+    """train.py skips a step whose loss is not finite; it never looks at the gradients. A NaN
+    score among an image's negatives is ranked hardest (as a topk would) and shows in the
+    loss; a NaN where nothing is taken (an image without objects, a negative's offsets) must
+    not reach the gradients."""
+    priors = create_priors()
+    g = torch.Generator().manual_seed(0)
+    boxes = [torch.tensor([[0.1, 0.1, 0.5, 0.6]]), torch.zeros(0, 4)]
+    labels = [torch.tensor([1]), torch.zeros(0, dtype=torch.long)]
+    negative = 8000      # a prior far from the box
+    for tensor, image, loss_is_nan in (("scores", 0, True), ("scores", 1, False), ("locs", 0, False)):
+        locs = torch.randn(2, 8732, 4, generator=g)
+        scores = torch.randn(2, 8732, 3, generator=g)
+        (scores if tensor == "scores" else locs)[image, negative, 0] = float("nan")
+        locs.requires_grad_()
+        scores.requires_grad_()
+        loss = MultiBoxLoss(priors, loc_loss=loc)(locs, scores, boxes, labels)[0]
+        loss.backward()
+        assert math.isnan(loss.item()) == loss_is_nan, (tensor, image)
+        if not loss_is_nan:
+            assert torch.isfinite(locs.grad).all() and torch.isfinite(scores.grad).all(), (tensor, image)
+
+
 def test_forced_match_gives_each_of_two_near_identical_boxes_its_own_prior():
     priors = create_priors()
     a = torch.tensor([[0.400, 0.400, 0.450, 0.450]])
