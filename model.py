@@ -614,7 +614,8 @@ def hard_negatives(background_loss, positive, neg_pos_ratio):
     quota = torch.minimum(neg_pos_ratio * n_positives, P - n_positives)       # N x 1
     # Positives rank after every negative (background losses are >= 0); NaN (a diverging
     # network) before all, as in a topk, so that the loss shows it.
-    key = torch.where(background_loss.isnan(), math.inf, background_loss).masked_fill(positive, -math.inf)
+    key = torch.where(background_loss.isnan(), math.inf, background_loss)
+    key = key.masked_fill(positive, -math.inf)
     filler = torch.where(torch.arange(P, device=key.device) < P - quota, math.inf, -math.inf)
     v = torch.cat([key, filler], 1).kthvalue(P + 1, dim=1, keepdim=True).values  # N x 1
     ties = key == v

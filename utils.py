@@ -164,8 +164,8 @@ def nms_per_group(boxes, valid, threshold):
     rank = (valid.size(1) - index).to(boxes.dtype)
     position = torch.arange(len(index), device=index.device)
     sizes = valid.sum(dim=1).tolist()
-    kept = torch.cat([p[torchvision.ops.nms(b, r, threshold)] for b, r, p in
-                      zip(boxes[group, index].split(sizes), rank.split(sizes), position.split(sizes))])
+    groups = zip(boxes[group, index].split(sizes), rank.split(sizes), position.split(sizes))
+    kept = torch.cat([p[torchvision.ops.nms(b, r, threshold)] for b, r, p in groups])
     keep[group[kept], index[kept]] = True
     return keep
 
