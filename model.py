@@ -634,9 +634,18 @@ def decode_predictions(pred_locs, pred_scores, priors_cxcy):
     Returns (boxes N x P x 4 fractional corners clamped to [0, 1], probabilities of the
     object classes N x (C-1) x P). Traceable: export.py puts it inside the ONNX graph.
     """
-    boxes = cxcy_to_xy(decode(pred_locs.float(), priors_cxcy)).clamp(0, 1)
-    probs = F.softmax(pred_scores.float(), dim=2)[:, :, 1:].transpose(1, 2)
-    return boxes, probs
+    return decode_boxes(pred_locs, priors_cxcy), class_probabilities(pred_scores)
+
+
+def decode_boxes(pred_locs, priors_cxcy):
+    """Offsets (..., 4) against their priors (..., 4 centre-size, broadcastable) -> float32
+    fractional corners (..., 4), clamped to [0, 1]."""
+    return cxcy_to_xy(decode(pred_locs.float(), priors_cxcy)).clamp(0, 1)
+
+
+def class_probabilities(pred_scores):
+    """N x P x C logits -> float32 probabilities of the object classes, N x (C-1) x P."""
+    return F.softmax(pred_scores.float(), dim=2)[:, :, 1:].transpose(1, 2)
 
 
 def detect_objects(pred_locs, pred_scores, priors_cxcy, min_score=EVAL_DECODING.min_score,
@@ -652,14 +661,17 @@ def detect_objects(pred_locs, pred_scores, priors_cxcy, min_score=EVAL_DECODING.
     [0, 1]), labels (k, 1..C-1) and scores (k).
     """
     N, P, C = pred_scores.shape
-    boxes, probs = decode_predictions(pred_locs, pred_scores, priors_cxcy)
+    probs = class_probabilities(pred_scores)                                 # N x (C-1) x P
     # Only as many candidates per (image, class) as the fullest one has above min_score: with
     # a trained model's scores a few, and a top few is far cheaper than a top 400.
     k = int((probs > min_score).sum(dim=2).max())
     if per_class_top_k is not None:
         k = min(per_class_top_k, k)
     scores, prior = probs.topk(k, dim=2)                                     # N x (C-1) x k
-    cand_boxes = boxes[torch.arange(N, device=boxes.device)[:, None, None], prior]  # N x (C-1) x k x 4
+    # Only the candidates' boxes are decoded, elementwise as decode_predictions does: with a
+    # trained model's scores a few hundred rather than all N x P.
+    rows = torch.arange(N, device=prior.device)[:, None, None]
+    cand_boxes = decode_boxes(pred_locs[rows, prior], priors_cxcy[prior])   # N x (C-1) x k x 4
     keep = nms(cand_boxes.flatten(0, 1), (scores > min_score).flatten(0, 1),
                max_overlap).view(N, C - 1, k)
     image, cls, _ = keep.nonzero(as_tuple=True)
