@@ -11,7 +11,8 @@ Sections:
               floor (the model's FLOPs over this machine's bf16 matmul rate)
   loss        MultiBoxLoss forward + backward at batch 8 and 32
   detect      detect_objects ms/image at batch 8 (min score 0.01, NMS 0.45, top 200), for random
-              scores and for scores shaped like a trained model's
+              scores and for scores shaped like a trained model's, beside torchvision's SSD
+              post-processing (SSD.postprocess_detections) on the same inputs, timed in turn
   transforms  training transform images/s in one process (JPEG decode included, 500x375), and
               DataLoader images/s with 2 workers
   map         calculate_mAP at VOC2007-test size (4952 images, ~15k objects, 200 dets/image),
@@ -43,10 +44,13 @@ import tempfile
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
+from torchvision.models.detection._utils import BoxCoder
+from torchvision.models.detection.ssd import SSD
 
 import create_data_lists
 import datasets
@@ -79,6 +83,23 @@ def timed(fn, device, repeats=5, warmup=2):
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def timed_alternately(fns, device, repeats=5, warmup=2):
+    """Median seconds of each of fns, called in turn: a load that changes during the run
+    then weighs on all of them alike, so their ratios hold on a busy machine."""
+    times = [[] for _ in fns]
+    for round_ in range(warmup + repeats):
+        for fn, fn_times in zip(fns, times):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if round_ >= warmup:
+                fn_times.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
 
 
 def random_targets(n_images, n_classes, generator, max_objects=6):
@@ -157,6 +178,21 @@ def trained_like_scores(batch, n_classes, generator, device):
     return scores.to(device)
 
 
+def torchvision_postprocess(locs, scores, priors, decoding=utils.EVAL_DECODING):
+    """torchvision's SSD post-processing, its own code (SSD.postprocess_detections) on our
+    heads' outputs: per image a softmax, per class the scores above min_score and the top
+    per_class_top_k of them, batched_nms, the top_k best. Boxes in a 1 x 1 image (fractions);
+    BoxCoder's weights are our variances' inverses. locs N x P x 4, scores N x P x C,
+    priors P x 4 centre-size. Returns torchvision's list of dicts."""
+    settings = SimpleNamespace(
+        box_coder=BoxCoder(weights=(1 / utils.CENTRE_VARIANCE,) * 2 + (1 / utils.SIZE_VARIANCE,) * 2),
+        score_thresh=decoding.min_score, nms_thresh=decoding.max_overlap,
+        topk_candidates=decoding.per_class_top_k, detections_per_img=decoding.top_k)
+    n = len(locs)
+    return SSD.postprocess_detections(settings, {"bbox_regression": locs, "cls_logits": scores},
+                                      [utils.cxcy_to_xy(priors)] * n, [(1, 1)] * n)
+
+
 def section_detect(device, args):
     g = torch.Generator().manual_seed(0)
     priors = model.create_priors().to(device)
@@ -164,10 +200,13 @@ def section_detect(device, args):
     locs = (0.5 * torch.randn(batch, 8732, 4, generator=g)).to(device)
     for name, scores in (("random scores", torch.randn(batch, 8732, 21, generator=g).to(device)),
                          ("trained-like scores", trained_like_scores(batch, 21, g, device))):
-        t = timed(lambda: model.detect_objects(locs, scores, priors), device)
+        t, t_tv = timed_alternately([lambda: model.detect_objects(locs, scores, priors),
+                                     lambda: torchvision_postprocess(locs, scores, priors)], device)
         n = sum(len(b) for b in model.detect_objects(locs, scores, priors)[0])
         report("detect", f"detect_objects, {name}, batch {batch}", t / batch * 1e3, "ms/image",
-               f"{n / batch:.0f} detections/image")
+               f"{n / batch:.0f} detections/image, {t / t_tv:.2f} x torchvision's time")
+        report("detect", f"torchvision SSD postprocess_detections, {name}, batch {batch}",
+               t_tv / batch * 1e3, "ms/image", "the same inputs and settings")
 
 
 def section_transforms(device, args):

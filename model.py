@@ -17,7 +17,7 @@ import torchvision
 from torchvision.models.resnet import BasicBlock
 from torchvision.ops import FrozenBatchNorm2d, box_iou
 
-from utils import EVAL_DECODING, IMAGE_SIZE, cxcy_to_xy, decode, encode, greedy_nms, xy_to_cxcy
+from utils import EVAL_DECODING, IMAGE_SIZE, cxcy_to_xy, decode, encode, nms, xy_to_cxcy
 
 # The six prediction maps: (name, side of the square feature map, extra aspect ratios).
 # Each location has a square prior of the map's min size, a square of sqrt(min * max),
@@ -424,9 +424,13 @@ class SSD300(nn.Module):
 # ----------------------------------------------------------------------------------------
 
 def concat_objects(boxes, labels, device):
-    """Per-image lists -> (T x 4 float boxes, T labels, T image index), all on `device`."""
-    counts = torch.tensor([len(b) for b in boxes], device=device)
-    image = torch.repeat_interleave(torch.arange(len(boxes), device=device), counts)
+    """Per-image lists -> (T x 4 float boxes, T labels, T image index), all on `device`.
+
+    The image index is filled on the device from the lists' lengths: a tensor of counts
+    copied from the host, and repeat_interleave's output size, would each wait for a GPU.
+    """
+    image = torch.cat([torch.full((len(b),), i, dtype=torch.long, device=device)
+                       for i, b in enumerate(boxes)])
     return (torch.cat(boxes).to(device=device, dtype=torch.float32),
             torch.cat(labels).to(device=device, dtype=torch.long), image)
 
@@ -446,26 +450,29 @@ def forced_matches(iou, image, n_images):
     Returns the prior index of each object, T.
     """
     T, P = iou.shape
+    objects = torch.arange(T, device=iou.device)
     prior = torch.full((T,), -1, dtype=torch.long, device=iou.device)
     taken = torch.zeros(n_images, P, dtype=torch.bool, device=iou.device)
+    # Every round works on all T rows, matched ones masked out, rather than on the unmatched
+    # rows picked out by index: the loop's end test is then the one host synchronisation of
+    # a round on a GPU. How many rounds there are depends on the data.
     while True:
-        open_ = (prior < 0).nonzero().squeeze(1)
-        if open_.numel() == 0:
-            return prior
-        img = image[open_]
-        cand = iou[open_].masked_fill(taken[img], -1.0)                # U x P
-        best_iou, best_prior = cand.max(dim=1)                         # U
+        open_ = prior < 0                                               # T
+        cand = iou.masked_fill(taken[image] | ~open_[:, None], -1.0)    # T x P
+        best_iou, best_prior = cand.max(dim=1)                         # T
         # Best IoU of every (image, prior) column over the unmatched objects.
         col_best = torch.full((n_images, P), -2.0, dtype=iou.dtype, device=iou.device)
-        col_best.scatter_reduce_(0, img[:, None].expand_as(cand), cand, "amax")
-        wins = best_iou >= col_best[img, best_prior]
+        col_best.scatter_reduce_(0, image[:, None].expand_as(cand), cand, "amax")
+        wins = open_ & (best_iou >= col_best[image, best_prior])
         # Exact ties between objects for one prior: the lowest object index wins.
-        key = img * P + best_prior
+        key = image * P + best_prior
         first = torch.full((n_images * P,), T, dtype=torch.long, device=iou.device)
-        first.scatter_reduce_(0, key[wins], open_[wins], "amin")
-        wins &= first[key] == open_
-        prior[open_[wins]] = best_prior[wins]
-        taken[img[wins], best_prior[wins]] = True
+        first.scatter_reduce_(0, key, torch.where(wins, objects, T), "amin")
+        wins &= first[key] == objects
+        prior = torch.where(wins, best_prior, prior)
+        taken |= (first < T).view(n_images, P)
+        if not bool((prior < 0).any()):
+            return prior
 
 
 def match_priors(boxes, labels, image, n_images, priors_cxcy, threshold=0.5):
@@ -528,38 +535,92 @@ class MultiBoxLoss(nn.Module):
         are lists of per-image tensors.
 
         Returns (loss, loc_loss, conf_loss), each a 0-dim tensor (loss = conf + alpha * loc).
+        On a GPU it waits for the device only in forced_matches (once per round) and for
+        the positives' indices (see below): the hard negatives need no per-batch count.
         """
         device = self.priors_cxcy.device
         all_boxes, all_labels, image = concat_objects(boxes, labels, device)
         matched, true_labels = match_priors(all_boxes, all_labels, image, len(boxes),
                                             self.priors_cxcy, self.threshold)
         positive = true_labels > 0                                      # N x P
-        n_positives = positive.sum(dim=1)                               # N
-        n_total = n_positives.sum().clamp(min=1).float()
+        n_total = positive.sum().clamp(min=1).float()
 
-        # Localisation: only positives; the matched box is encoded against its prior.
-        priors = self.priors_cxcy.expand(len(boxes), -1, -1)[positive]  # n_pos x 4
-        true_locs = encode(xy_to_cxcy(all_boxes[matched[positive]]), priors)
+        # Localisation: only positives; the matched box is encoded against its prior. They
+        # are a few percent of the priors, picked by index: this nonzero is the loss's one
+        # wait on a GPU besides forced_matches', which a step cannot avoid anyway. A masked
+        # sum over every prior has none, but made this term 5x slower on a CPU (batch 32:
+        # 12 ms against 2, one thread), the whole loss 1.2x.
+        image_index, prior_index = positive.nonzero(as_tuple=True)                # n_pos each
+        true_locs = encode(xy_to_cxcy(all_boxes[matched[image_index, prior_index]]),
+                           self.priors_cxcy[prior_index])
         loss_fn = F.l1_loss if self.loc_loss == "l1" else F.smooth_l1_loss
-        loc_loss = loss_fn(pred_locs[positive].float(), true_locs, reduction="sum") / n_total
+        loc_loss = loss_fn(pred_locs[image_index, prior_index].float(), true_locs,
+                           reduction="sum") / n_total
 
-        # Hard negative mining: rank negatives by their background cross-entropy
-        # (logsumexp - background logit); no gradient needed for the ranking.
-        with torch.no_grad():
-            scores32 = pred_scores.detach().float()
-            background_loss = torch.logsumexp(scores32, dim=2) - scores32[..., 0]   # N x P
-            n_hard = torch.minimum(self.neg_pos_ratio * n_positives, (~positive).sum(dim=1))
-            k = int(n_hard.max())            # one sync: the largest per-image quota
-            hardest = background_loss.masked_fill(positive, -1.0).topk(k, dim=1).indices
-            take = torch.arange(k, device=device) < n_hard[:, None]                 # N x k
-            # Positives OR the chosen negatives. An image with fewer negatives than the
-            # batch's largest quota k gets some positives among its top k (with take False):
-            # scattering into `positive` itself would clear them.
-            selected = positive | torch.zeros_like(positive).scatter(1, hardest, take)
-        # Confidence: cross-entropy (float32) over the selected priors only.
-        conf_loss = F.cross_entropy(pred_scores[selected].float(), true_labels[selected],
-                                    reduction="sum") / n_total
+        # Confidence: cross-entropy (float32) over the positives and the hard negatives.
+        conf_loss = MinedCrossEntropy.apply(pred_scores.float(), true_labels, positive,
+                                            self.neg_pos_ratio) / n_total
         return conf_loss + self.alpha * loc_loss, loc_loss, conf_loss
+
+
+class MinedCrossEntropy(torch.autograd.Function):
+    """The paper's confidence loss, summed: the cross-entropy of every positive prior and of
+    each image's hard negatives (`hard_negatives`), in the scores' dtype.
+
+    scores: N x P x C logits (class 0 the background); labels, positive: N x P.
+    Its own backward, (softmax - one-hot) of the selected priors, in place over the saved
+    log-probabilities: autograd through F.cross_entropy over every prior takes several
+    passes over the scores (a zero gradient, the label gather's scatter, log_softmax's own
+    backward) and made the whole loss 1.2-1.25x slower on a CPU (batch 8 and 32, one
+    thread), slower than the boolean-indexed cross-entropy it replaces.
+    """
+
+    @staticmethod
+    def forward(ctx, scores, labels, positive, neg_pos_ratio):
+        log_probs = F.log_softmax(scores, dim=2)                                 # N x P x C
+        ce = -log_probs.gather(2, labels[..., None])[..., 0]                     # N x P
+        # A negative's cross-entropy is its background loss: the mining's ranking key.
+        selected = positive | hard_negatives(ce, positive, neg_pos_ratio)
+        ctx.save_for_backward(log_probs, labels, selected)
+        return torch.where(selected, ce, 0.0).sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        log_probs, labels, selected = ctx.saved_tensors
+        # In place: log_probs is this function's own buffer, and filling a fresh N x P x C
+        # one took several times longer on a CPU (profiled, batch 32). A second backward
+        # through the same graph (retain_graph) then fails loudly on the modified saved
+        # tensor. Zeros by a fill, not a product with the mask: a prior left out must pass
+        # on no NaN.
+        grad_scores = log_probs.exp_().masked_fill_(~selected[..., None], 0.0).mul_(grad)
+        grad_scores.scatter_add_(2, labels[..., None], -(selected * grad)[..., None])
+        return grad_scores, None, None, None
+
+
+def hard_negatives(background_loss, positive, neg_pos_ratio):
+    """The paper's hard negative mining: per image, the negatives with the highest
+    background loss, neg_pos_ratio per positive (all of them if there are fewer).
+
+    background_loss, positive: N x P. Returns an N x P bool mask of the chosen negatives.
+    No per-batch k is read back to the host (a topk of the batch's largest quota needs one),
+    and there is no full sort (several times slower than that topk on a CPU): each image's
+    quota-th largest loss v comes from one kthvalue for the whole batch, because P - quota
+    infinities appended to every row (and -inf up to a common length) make v the P-th
+    largest of each row. Negatives above v are taken, then those equal to v in prior order
+    while the quota lasts; which of equal losses are taken does not change the loss.
+    """
+    n_positives = positive.sum(dim=1, keepdim=True)                           # N x 1
+    P = positive.size(1)
+    quota = torch.minimum(neg_pos_ratio * n_positives, P - n_positives)       # N x 1
+    # Positives rank after every negative (background losses are >= 0); NaN (a diverging
+    # network) before all, as in a topk, so that the loss shows it.
+    key = torch.where(background_loss.isnan(), math.inf, background_loss)
+    key = key.masked_fill(positive, -math.inf)
+    filler = torch.where(torch.arange(P, device=key.device) < P - quota, math.inf, -math.inf)
+    v = torch.cat([key, filler], 1).kthvalue(P + 1, dim=1, keepdim=True).values  # N x 1
+    ties = key == v
+    need = quota - (key > v).sum(1, keepdim=True)
+    return (key > v) | (ties & (ties.cumsum(1) <= need))
 
 
 # ----------------------------------------------------------------------------------------
@@ -573,9 +634,18 @@ def decode_predictions(pred_locs, pred_scores, priors_cxcy):
     Returns (boxes N x P x 4 fractional corners clamped to [0, 1], probabilities of the
     object classes N x (C-1) x P). Traceable: export.py puts it inside the ONNX graph.
     """
-    boxes = cxcy_to_xy(decode(pred_locs.float(), priors_cxcy)).clamp(0, 1)
-    probs = F.softmax(pred_scores.float(), dim=2)[:, :, 1:].transpose(1, 2)
-    return boxes, probs
+    return decode_boxes(pred_locs, priors_cxcy), class_probabilities(pred_scores)
+
+
+def decode_boxes(pred_locs, priors_cxcy):
+    """Offsets (..., 4) against their priors (..., 4 centre-size, broadcastable) -> float32
+    fractional corners (..., 4), clamped to [0, 1]."""
+    return cxcy_to_xy(decode(pred_locs.float(), priors_cxcy)).clamp(0, 1)
+
+
+def class_probabilities(pred_scores):
+    """N x P x C logits -> float32 probabilities of the object classes, N x (C-1) x P."""
+    return F.softmax(pred_scores.float(), dim=2)[:, :, 1:].transpose(1, 2)
 
 
 def detect_objects(pred_locs, pred_scores, priors_cxcy, min_score=EVAL_DECODING.min_score,
@@ -591,15 +661,19 @@ def detect_objects(pred_locs, pred_scores, priors_cxcy, min_score=EVAL_DECODING.
     [0, 1]), labels (k, 1..C-1) and scores (k).
     """
     N, P, C = pred_scores.shape
-    boxes, probs = decode_predictions(pred_locs, pred_scores, priors_cxcy)
-    k = P if per_class_top_k is None else min(per_class_top_k, P)
+    probs = class_probabilities(pred_scores)                                 # N x (C-1) x P
+    # Only as many candidates per (image, class) as the fullest one has above min_score: with
+    # a trained model's scores a few, and a top few is far cheaper than a top 400.
+    k = int((probs > min_score).sum(dim=2).max())
+    if per_class_top_k is not None:
+        k = min(per_class_top_k, k)
     scores, prior = probs.topk(k, dim=2)                                     # N x (C-1) x k
-    # Only as many candidates per (image, class) as the fullest one has above min_score.
-    k = int((scores > min_score).sum(dim=2).max())
-    scores, prior = scores[..., :k], prior[..., :k]
-    cand_boxes = boxes[torch.arange(N, device=boxes.device)[:, None, None], prior]  # N x (C-1) x k x 4
-    keep = greedy_nms(cand_boxes.flatten(0, 1), (scores > min_score).flatten(0, 1),
-                      max_overlap).view(N, C - 1, k)
+    # Only the candidates' boxes are decoded, elementwise as decode_predictions does: with a
+    # trained model's scores a few hundred rather than all N x P.
+    rows = torch.arange(N, device=prior.device)[:, None, None]
+    cand_boxes = decode_boxes(pred_locs[rows, prior], priors_cxcy[prior])   # N x (C-1) x k x 4
+    keep = nms(cand_boxes.flatten(0, 1), (scores > min_score).flatten(0, 1),
+               max_overlap).view(N, C - 1, k)
     image, cls, _ = keep.nonzero(as_tuple=True)
     scores, cand_boxes = scores[keep], cand_boxes[keep]
     # top_k per image: order by score, then (stably) by image; keep each image's first top_k.

@@ -351,6 +351,72 @@ def test_loss_matches_reference(seed, loc):
         assert abs(float(a) - b) <= 1e-5 * max(1.0, abs(b)), (got, want)
 
 
+def per_image_mined_loss(locs, scores, boxes, labels, priors, ratio=3):
+    """MultiBoxLoss one image at a time, with autograd, written from the paper: the L1 loss
+    of the positives' offsets, the cross-entropy of the positives and of the
+    min(ratio * positives, negatives) negatives of highest background loss (equal losses
+    taken in prior order), both summed over the batch and divided by its positives.
+    The positives come from model.match_priors, checked against a slow matching above."""
+    loc_sum = conf_sum = 0.0
+    n_pos_total = 0
+    for n in range(len(boxes)):
+        image = torch.zeros(len(boxes[n]), dtype=torch.long)
+        matched, true_labels = model.match_priors(boxes[n], labels[n], image, 1, priors)
+        matched, true_labels = matched[0], true_labels[0]
+        pos = (true_labels > 0).nonzero().flatten().tolist()
+        ce = F.cross_entropy(scores[n], true_labels, reduction="none")           # P
+        background = ce.tolist()                         # a negative's label is 0
+        pos_set = set(pos)
+        negatives = sorted((p for p in range(priors.size(0)) if p not in pos_set),
+                           key=lambda p: -background[p])                      # stable
+        hard = negatives[:min(ratio * len(pos), len(negatives))]
+        conf_sum = conf_sum + ce[pos].sum() + ce[hard].sum()
+        if pos:
+            target = encode(xy_to_cxcy(boxes[n][matched[pos]]), priors[pos])
+            loc_sum = loc_sum + F.l1_loss(locs[n, pos], target, reduction="sum")
+        n_pos_total += len(pos)
+    n = max(n_pos_total, 1)
+    return (conf_sum + loc_sum) / n, loc_sum / n, conf_sum / n
+
+
+@pytest.mark.parametrize("ties", [False, True], ids=["continuous", "tied"])
+def test_loss_and_gradient_equal_per_image_mining(ties):
+    """The batched, sync-free mining against per_image_mined_loss, to 1e-6 in the loss and
+    its gradients: an image with objects, one without (no positive, no negative taken), and
+    a crowded one (more positives than a third of its negatives: all negatives are taken).
+    tied: scores from a few values, so that many priors share a background loss and the
+    quota's boundary falls inside a run of equal losses."""
+    g = torch.Generator().manual_seed(7)
+    priors = create_priors()
+    n_classes = 4
+    boxes = [random_boxes(5, g), torch.zeros(0, 4), cxcy_to_xy(priors[:2500:2]).clamp(0, 1)]
+    labels = [torch.randint(1, n_classes, (len(b),), generator=g) for b in boxes]
+    if ties:
+        scores = torch.randint(0, 3, (3, 8732, n_classes), generator=g).float()
+    else:
+        scores = 3 * torch.randn(3, 8732, n_classes, generator=g)
+    locs = torch.randn(3, 8732, 4, generator=g)
+    results = []
+    for loss_fn in (MultiBoxLoss(priors), lambda *a: per_image_mined_loss(*a, priors)):
+        l, s = locs.clone().requires_grad_(), scores.clone().requires_grad_()
+        terms = loss_fn(l, s, boxes, labels)
+        terms[0].backward()
+        results.append(([float(t.detach()) for t in terms], l.grad, s.grad))
+    (got, got_dl, got_ds), (want, want_dl, want_ds) = results
+    positive = [model.match_priors(b, lab, torch.zeros(len(b), dtype=torch.long), 1, priors)[1][0] > 0
+                for b, lab in zip(boxes, labels)]
+    n_pos = [int(p.sum()) for p in positive]
+    assert n_pos[0] > 0 and n_pos[1] == 0 and 3 * n_pos[2] > 8732 - n_pos[2]
+    if ties:   # the first image's quota ends inside a run of equal background losses
+        background = -F.log_softmax(scores[0], dim=1)[~positive[0], 0]
+        ranked = background.sort(descending=True).values
+        assert ranked[3 * n_pos[0] - 1] == ranked[3 * n_pos[0]]
+    assert got == pytest.approx(want, rel=1e-6)
+    torch.testing.assert_close(got_dl, want_dl, rtol=0, atol=1e-6)
+    torch.testing.assert_close(got_ds, want_ds, rtol=0, atol=1e-6)
+    assert got_ds[1].abs().sum() == 0          # the image without objects takes no negative
+
+
 def test_loss_without_any_object_is_finite_zero():
     priors = create_priors()
     locs = torch.randn(2, 8732, 4, requires_grad=True)
@@ -360,6 +426,30 @@ def test_loss_without_any_object_is_finite_zero():
     loss, loc, conf = MultiBoxLoss(priors)(locs, scores, empty, no_labels)
     loss.backward()
     assert loss.item() == 0.0 and torch.isfinite(locs.grad).all() and torch.isfinite(scores.grad).all()
+
+
+@pytest.mark.parametrize("loc", ["l1", "smooth_l1"])
+def test_a_nan_prediction_gives_a_nan_loss_or_no_nan_gradient(loc):
+    """train.py skips a step whose loss is not finite; it never looks at the gradients. A NaN
+    score among an image's negatives is ranked hardest (as a topk would) and shows in the
+    loss; a NaN where nothing is taken (an image without objects, a negative's offsets) must
+    not reach the gradients."""
+    priors = create_priors()
+    g = torch.Generator().manual_seed(0)
+    boxes = [torch.tensor([[0.1, 0.1, 0.5, 0.6]]), torch.zeros(0, 4)]
+    labels = [torch.tensor([1]), torch.zeros(0, dtype=torch.long)]
+    negative = 8000      # a prior far from the box
+    for tensor, image, loss_is_nan in (("scores", 0, True), ("scores", 1, False), ("locs", 0, False)):
+        locs = torch.randn(2, 8732, 4, generator=g)
+        scores = torch.randn(2, 8732, 3, generator=g)
+        (scores if tensor == "scores" else locs)[image, negative, 0] = float("nan")
+        locs.requires_grad_()
+        scores.requires_grad_()
+        loss = MultiBoxLoss(priors, loc_loss=loc)(locs, scores, boxes, labels)[0]
+        loss.backward()
+        assert math.isnan(loss.item()) == loss_is_nan, (tensor, image)
+        if not loss_is_nan:
+            assert torch.isfinite(locs.grad).all() and torch.isfinite(scores.grad).all(), (tensor, image)
 
 
 def test_forced_match_gives_each_of_two_near_identical_boxes_its_own_prior():
@@ -455,6 +545,41 @@ def test_greedy_nms_equals_torchvision_nms(seed):
         idx = valid[i].nonzero().flatten()
         want = torchvision.ops.nms(boxes[i, idx], scores[i, idx], 0.45)
         assert keep[i].nonzero().flatten().tolist() == sorted(idx[want].tolist())
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_nms_per_group_equals_greedy_nms(seed):
+    """utils.nms's two exact methods on many crowded candidates (long suppression chains),
+    exact duplicates (only the given order decides), scattered invalid boxes and a group
+    with none valid."""
+    g = torch.Generator().manual_seed(seed)
+    groups, k = 40, 400
+    centres = torch.rand(groups, 1, 2, generator=g) * 0.6 + 0.2
+    wh = 0.05 + 0.3 * torch.rand(groups, k, 2, generator=g)
+    xy = centres + 0.1 * torch.randn(groups, k, 2, generator=g)
+    boxes = torch.cat([xy - wh / 2, xy + wh / 2], dim=2)
+    boxes[:, 1::7] = boxes[:, ::7][:, :boxes[:, 1::7].size(1)]
+    valid = torch.rand(groups, k, generator=g) < 0.8
+    valid[3] = False
+    keep = utils.greedy_nms(boxes, valid, 0.45)
+    assert 0 < int(keep.sum()) < int(valid.sum()) and not keep[3].any()
+    assert torch.equal(utils.nms_per_group(boxes, valid, 0.45), keep)
+
+
+def test_detect_objects_is_the_same_with_either_nms(monkeypatch):
+    """Random scores: 400 candidates per class reach NMS, where utils.nms picks
+    nms_per_group on a CPU; greedy_nms must give the very same detections."""
+    g = torch.Generator().manual_seed(3)
+    priors = create_priors()
+    locs = 0.5 * torch.randn(3, 8732, 4, generator=g)
+    scores = torch.randn(3, 8732, 6, generator=g)
+    found = []
+    for min_size in (0, 10 ** 9):                  # every group per group, then none
+        monkeypatch.setattr(utils, "NMS_PER_GROUP_MIN_SIZE", min_size)
+        found.append(model.detect_objects(locs, scores, priors))
+    for per_group, greedy in zip(*found):
+        assert [len(t) for t in per_group] == [len(t) for t in greedy] == [200] * 3
+        assert all(torch.equal(a, b) for a, b in zip(per_group, greedy))
 
 
 def test_detect_objects_with_nothing_above_threshold():
