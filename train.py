@@ -46,11 +46,13 @@ PRESETS = {
     # that even a CPU without bf16 (float32) trains it in minutes (README, "Quick start": 3.5
     # with AVX2 kernels on the CI machine; fewer images cost too much mAP).
     # --amp auto: bf16 where the CPU has it. With --backbone resnet34 add --width 0.25.
-    # The gentler crop policy: at this budget the paper's (Caffe's) costs 0.18 mAP. Images are
+    # The gentler crop policy: at this budget the paper's (Caffe's) costs 0.18 mAP; and zoom out
+    # to 2x the side, not 4x (Caffe's max_expand_ratio): 0.94 against 0.87 (float32, AVX2
+    # kernels; the test images are not zoomed out, and these objects are large). Images are
     # loaded in the training process: on two cores a loader process takes CPU time from the
     # two compute threads (5-8% slower in float32, the same in bf16).
     "toy": dict(width=0.125, pretrained=False, base_bn="train", optimizer="adamw", crop="one-sampler",
-                batch_size=8, lr=3e-3, iterations=700, lr_steps=[525, 650], warmup=50,
+                zoom_out=2.0, batch_size=8, lr=3e-3, iterations=700, lr_steps=[525, 650], warmup=50,
                 workers=0, print_every=25, save_every=200, eval_every=350),
 }
 # Settings that define the network: a resumed run must keep them.
