@@ -43,7 +43,7 @@ PRESETS = {
     # The same SSD300 at 1/8 of the channels, trained from scratch on a CPU in minutes:
     # AdamW (SGD at this width, from random weights, diverges or stalls) and batch norm in the
     # base (from scratch it reaches a given mAP with about half the images: ScratchDet), so
-    # that even a CPU without bf16 (float32) trains it in minutes (README, "Quick start": 3.5
+    # that even a CPU without bf16 (float32) trains it in minutes (README, "Quick start": 3.1
     # with AVX2 kernels on the CI machine; fewer images cost too much mAP).
     # --amp auto: bf16 where the CPU has it. With --backbone resnet34 add --width 0.25.
     # The gentler crop policy: at this budget the paper's (Caffe's) costs 0.18 mAP; and zoom out
