@@ -71,18 +71,7 @@ def report(section, what, value, unit, note=""):
 
 def timed(fn, device, repeats=5, warmup=2):
     """Median seconds of fn() over `repeats` calls, after `warmup` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return timed_alternately([fn], device, repeats, warmup)[0]
 
 
 def timed_alternately(fns, device, repeats=5, warmup=2):
