@@ -28,7 +28,7 @@ Sections:
               preset on a CPU; --workers loading processes
   eval        evaluation images/s of eval.predict (data loading, network and decoding), both
               bases at full and toy width, on untrained weights (more boxes reach NMS than
-              with a trained model)
+              with a trained model); on CUDA also with the JPEGs decoded there (--gpu-decode)
   deploy      CPU latency at batch 1 of the whole detector (network and decoding at the
               paper's settings), both bases, untrained: PyTorch fp32, PyTorch in what --amp auto
               picks, and onnxruntime running export.py's graph (needs onnx and onnxruntime)
@@ -418,20 +418,24 @@ def section_eval(device, args):
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         n_test = 64 if device.type == "cpu" else 512
-        dataset = datasets.PascalVOCDataset(shapes_lists(root, 8, n_test), "test")
+        lists = shapes_lists(root, 8, n_test)
         on_cuda = device.type == "cuda"
         fmt = torch.channels_last if on_cuda else torch.contiguous_format
-        for name, backbone, width in BASES + TOY:
-            net = model.SSD300(len(dataset.label_map), backbone, width=width).to(device, memory_format=fmt)
-            for mode, dtype in ((("fp32", None),) + ((("bf16 AMP", torch.bfloat16),) if on_cuda else ())):
-                def run():
-                    predict(net, dataset, device, batch_size=32, workers=args.workers, amp_dtype=dtype,
-                            memory_format=fmt, progress=False)
-                run()                                                  # warm-up
-                start = time.perf_counter()
-                run()
-                report("eval", f"{name}, {mode}, batch 32", len(dataset) / (time.perf_counter() - start),
-                       "images/s", "untrained weights: many boxes reach NMS")
+        # On a GPU also with the JPEGs decoded and resized there (eval.py --gpu-decode).
+        for decode in ("cpu", "device") if on_cuda else ("cpu",):
+            dataset = datasets.PascalVOCDataset(lists, "test", decode=decode)
+            for name, backbone, width in BASES + TOY:
+                net = model.SSD300(len(dataset.label_map), backbone, width=width).to(device, memory_format=fmt)
+                for mode, dtype in ((("fp32", None),) + ((("bf16 AMP", torch.bfloat16),) if on_cuda else ())):
+                    def run():
+                        predict(net, dataset, device, batch_size=32, workers=args.workers, amp_dtype=dtype,
+                                memory_format=fmt, progress=False)
+                    run()                                                  # warm-up
+                    start = time.perf_counter()
+                    run()
+                    report("eval", f"{name}, {mode}, batch 32, decoded on the {decode}",
+                           len(dataset) / (time.perf_counter() - start), "images/s",
+                           "untrained weights: many boxes reach NMS")
 
 
 @torch.no_grad()

@@ -11,6 +11,7 @@ or on the training device (decode="device", gpu_augment.py). Its randomness depe
 (seed, epoch, index), so a sample does not depend on the number of DataLoader workers or on the
 order in which samples are drawn.
 """
+import contextlib
 import json
 from pathlib import Path
 from typing import NamedTuple
@@ -282,6 +283,14 @@ class Photometric(NamedTuple):
         """Whether the HSV round trip runs (it is not lossless, so it is left out when neutral)."""
         return self.saturation != 1.0 or self.hue != 0.0
 
+    @property
+    def neutral(self):
+        """Whether the draw leaves every colour as it is (NO_PHOTOMETRIC's, evaluation's)."""
+        return self.brightness == 0.0 and self.contrast == 1.0 and not self.changes_hsv
+
+
+NO_PHOTOMETRIC = Photometric(0.0, 1.0, 1.0, 0.0, False)
+
 
 def sample_photometric():
     """Caffe's colour distortion (DistortImage in im_transforms.cpp), drawn: brightness, then
@@ -421,6 +430,12 @@ class Geometry(NamedTuple):
     crop: tuple           # (left, top, right, bottom) window of the canvas, integer pixels
     flip: bool            # mirrored left to right
     interpolation: int    # the resize filter (one of TRAIN_INTERPOLATIONS)
+
+
+def whole_image(size):
+    """The Geometry of eval_transform's sample: the whole image of `size` (width, height)
+    resized to 300x300, bilinear, not flipped."""
+    return Geometry(tuple(size), (0, 0), (0, 0, *size), False, Image.BILINEAR)
 
 
 def sample_zoom_out(width, height, max_ratio=ZOOM_OUT_MAX):
@@ -602,8 +617,8 @@ class PascalVOCDataset(torch.utils.data.Dataset):
     zoom_out: the largest zoom-out ratio (the paper's 4; 1 for none).
     on_error: "raise" a DataError for an unreadable image, or "mark": return a BadSample
     (collate_fn leaves it out and reports its message).
-    decode: "cpu" (items as above) or "device" (training only): a worker reads the file and
-    draws the augmentation but makes no pixels; an item's image is a PendingImage, which
+    decode: "cpu" (items as above) or "device": a worker reads the file (and draws the
+    augmentation) but makes no pixels; an item's image is a PendingImage, which
     gpu_augment.render_batch turns into the same pixels on the device.
     Call set_epoch(epoch) before iterating over an epoch: the epoch lives in shared memory, so
     DataLoader workers (persistent or not) see it.
@@ -638,8 +653,6 @@ class PascalVOCDataset(torch.utils.data.Dataset):
         self.on_error = on_error
         if decode not in DECODE_PLACES:
             raise ValueError(f"decode must be one of {DECODE_PLACES}, not {decode!r}")
-        if decode == "device" and not self.augment:
-            raise ValueError('decode="device" makes augmented training samples: it needs augment')
         self.decode = decode
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
 
@@ -668,16 +681,28 @@ class PascalVOCDataset(torch.utils.data.Dataset):
         if not self.keep_difficult:
             easy = ~difficulties
             boxes, labels, difficulties = boxes[easy], labels[easy], difficulties[easy]
-        if not self.augment:
+        if self.decode == "cpu" and not self.augment:
             return eval_transform(image, boxes, labels, difficulties)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(self.seed, self.epoch, index))
-            if self.decode == "cpu":
+        if self.decode == "cpu":
+            with self._sample_rng(index):
                 return train_transform(image, boxes, labels, difficulties, self.crop, self.zoom_out)
-            data, orientation, size = image
-            drawn = draw_augmentation(size, boxes, labels, difficulties, self.crop, self.zoom_out)
+        data, orientation, size = image
+        if self.augment:
+            with self._sample_rng(index):
+                drawn = draw_augmentation(size, boxes, labels, difficulties, self.crop, self.zoom_out)
+        else:   # eval_transform's sample: the whole image resized, no colour change
+            width, height = size
+            drawn = Augmentation(NO_PHOTOMETRIC, whole_image(size), boxes / torch.tensor(
+                [width, height, width, height], dtype=torch.float32), labels, difficulties)
         pending = PendingImage(self.images[index], data, orientation, drawn.photometric, drawn.geometry)
         return pending, drawn.boxes, drawn.labels, drawn.difficulties
+
+    @contextlib.contextmanager
+    def _sample_rng(self, index):
+        """The global torch RNG seeded for one sample, and restored after it."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, self.epoch, index))
+            yield
 
 
 def collate_fn(batch):

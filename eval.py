@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from datasets import DataError, PascalVOCDataset, check_same_classes, collate_fn
+from gpu_augment import decode_on_device, render_batch
 from metrics import coco_metrics, mean_average_precision, precision_recall_curves
 from model import load_checkpoint
 from utils import (EVAL_DECODING, HelpFormatter, add_precision_arguments, atomic_write_json, bounded,
@@ -34,6 +35,7 @@ def predict(net, dataset, device, batch_size=32, workers=2, amp_dtype=None,
 
     Boxes stay fractional: IoU does not change when both axes are rescaled, so the VOC
     matching is the same as in pixels. An unreadable image raises a DataError naming it.
+    A dataset made with decode="device" has its images decoded and resized on `device`.
     """
     if len(dataset) == 0:
         raise DataError("the test list is empty: there is nothing to evaluate")
@@ -42,8 +44,10 @@ def predict(net, dataset, device, batch_size=32, workers=2, amp_dtype=None,
                                          num_workers=workers, pin_memory=device.type == "cuda")
     dets = {"boxes": [], "labels": [], "scores": []}
     truth = {"boxes": [], "labels": [], "difficulties": []}
-    for images, boxes, labels, difficulties, problems in tqdm(
-            loader, desc="evaluate", disable=not progress, leave=False, dynamic_ncols=True):
+    for batch in tqdm(loader, desc="evaluate", disable=not progress, leave=False, dynamic_ncols=True):
+        if not isinstance(batch.images, torch.Tensor):            # a decode="device" dataset
+            batch = render_batch(batch, device, memory_format)
+        images, boxes, labels, difficulties, problems = batch
         if problems:
             raise DataError(problems[0])
         images = images.to(device, non_blocking=True, memory_format=memory_format)
@@ -146,6 +150,10 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=bounded(int, 1), default=32, help="images per forward pass")
     p.add_argument("--workers", type=bounded(int, 0), default=4, help="data loading processes")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cuda, cpu, ...")
+    p.add_argument("--gpu-decode", action=argparse.BooleanOptionalAction, default=None,
+                   help="decode and resize the JPEGs on the device (nvJPEG; the same pixels as "
+                        "Pillow's to within a level in a few pixels): the loading processes only "
+                        "read the files. Default: on with CUDA, off otherwise")
     add_precision_arguments(p)
     p.add_argument("--min-score", type=bounded(float, 0, below=1), default=EVAL_DECODING.min_score,
                    help="class score threshold")
@@ -171,7 +179,8 @@ def main(argv=None):
         net, checkpoint = load_checkpoint(args.checkpoint, device)
         config = checkpoint["config"]
         data_folder = args.data_folder or config.get("data_folder")
-        dataset = PascalVOCDataset(data_folder, "test", keep_difficult=True, on_error="mark")
+        decode = "device" if decode_on_device(args.gpu_decode, device) else "cpu"
+        dataset = PascalVOCDataset(data_folder, "test", keep_difficult=True, on_error="mark", decode=decode)
         check_same_classes(config["label_map"], dataset.label_map, args.checkpoint, data_folder)
         out = writable_folder(args.out or Path(args.checkpoint).parent)
         return evaluate_and_report(net, checkpoint, dataset, data_folder, out, args, device)

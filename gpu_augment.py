@@ -38,6 +38,13 @@ PRECISION_BITS = 22   # Pillow's fixed-point coefficients for 8-bit images: 32 -
 # Decoding
 
 
+def decode_on_device(choice, device):
+    """--gpu-augment / --gpu-decode: an explicit True or False, or None (auto): on with CUDA,
+    where the loader processes' CPUs would otherwise limit the rate, off elsewhere."""
+    return torch.device(device).type == "cuda" if choice is None else choice
+
+
+
 def orient(pixels, orientation):
     """ImageOps.exif_transpose on a tensor (..., H, W): EXIF orientation 1-8 undone."""
     # 5-8 swap the axes (TRANSPOSE, ROTATE_270, TRANSVERSE, ROTATE_90), then mirror.
@@ -312,14 +319,16 @@ def normalise(pixels, memory_format=torch.contiguous_format):
 
 def render_batch(batch, device, memory_format=torch.contiguous_format):
     """A Batch of PendingImages (collate_fn of a decode="device" dataset) -> the Batch of their
-    training samples, as the CPU path makes them: images float32 (N', 3, 300, 300) normalised,
+    samples (training or evaluation), as the CPU path makes them: images float32 (N', 3, 300, 300) normalised,
     on `device` in `memory_format`; the images that cannot be decoded left out with their
     targets, their messages (as the CPU path's) added to `problems`."""
     decoded, problems = decode(batch.images, device)
     kept = [i for i, pixels in enumerate(decoded) if pixels is not None]
     pending = [batch.images[i] for i in kept]
     canvas, inside = paste_resized([decoded[i] for i in kept], [p.geometry for p in pending], device)
-    canvas = torch.where(inside, distort_batch(canvas, [p.photometric for p in pending]), canvas)
+    photometrics = [p.photometric for p in pending]
+    if not all(p.neutral for p in photometrics):                    # evaluation's are
+        canvas = torch.where(inside, distort_batch(canvas, photometrics), canvas)
     flip = torch.tensor([p.geometry.flip for p in pending], dtype=torch.bool, device=device)
     canvas = torch.where(flip.view(-1, 1, 1, 1), canvas.flip(-1), canvas)
     return Batch(normalise(canvas, memory_format), *([column[i] for i in kept] for column in batch[1:4]),

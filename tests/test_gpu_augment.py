@@ -216,8 +216,33 @@ def test_unreadable_files_give_the_cpu_paths_errors(tmp_path):
     assert batch.problems[:3] == messages[:3]
     # Found only by the decoder: the file named as on the CPU path, the decoder's own words.
     assert len(batch.problems) == 4 and batch.problems[3].startswith(f"{paths[3]}: cannot read image (")
-    with pytest.raises(ValueError, match="needs augment"):
-        D.PascalVOCDataset(tmp_path, "train", augment=False, decode="device")
+
+
+def test_evaluation_samples_on_the_device_are_the_cpu_paths(mixed_lists):
+    """eval_transform's samples (the whole image resized, bilinear): the same targets, the
+    pixels within a level but for a few (float32 sums at a rounding edge), EXIF frames,
+    greyscale and the PNG included."""
+    cpu = D.PascalVOCDataset(mixed_lists, "test")
+    device = D.PascalVOCDataset(mixed_lists, "test", decode="device")
+    expected = D.collate_fn([cpu[i] for i in range(len(cpu))])
+    batch = G.render_batch(D.collate_fn([device[i] for i in range(len(device))]), torch.device("cpu"))
+    assert batch.problems == [] and batch.images.shape == expected.images.shape
+    for got, want in zip(batch[1:4], expected[1:4]):
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+    levels = ((batch.images - expected.images) * torch.tensor(D.IMAGENET_STD).view(1, 3, 1, 1) * 255).abs()
+    assert levels.max() < 2.5 and (levels > 1.5).float().mean() < 1e-4 and levels.mean() < 0.01, \
+        (levels.max(), (levels > 1.5).float().mean(), levels.mean())
+
+
+def test_eval_decodes_on_the_device_with_the_same_result(tiny_checkpoint, tmp_path):
+    """eval.py --gpu-decode (here on the CPU): the same detections' mAP as the PIL path."""
+    import eval as evaluation
+    results = {}
+    for flag in ("--gpu-decode", "--no-gpu-decode"):
+        assert evaluation.main([str(tiny_checkpoint), "--workers", "0", flag, "--out", str(tmp_path / flag)]) == 0
+        results[flag] = json.loads((tmp_path / flag / "results.json").read_text())
+    assert results["--gpu-decode"]["mAP_07"] == pytest.approx(results["--no-gpu-decode"]["mAP_07"], abs=0.01)
+    assert results["--gpu-decode"]["mAP_07"] > 0
 
 
 def test_training_with_gpu_augment_on_the_cpu(shapes_lists, tmp_path):
