@@ -556,11 +556,15 @@ def train_transform(image, boxes, labels, difficulties, crop="caffe", zoom_out=Z
     return to_model_input(image), drawn.boxes, drawn.labels, drawn.difficulties
 
 
+def fractions_of(size, boxes):
+    """Boxes (n, 4) in the pixels of an image of `size` (width, height) -> fractions of it."""
+    width, height = size
+    return boxes / torch.tensor([width, height, width, height], dtype=torch.float32)
+
+
 def eval_transform(image, boxes, labels, difficulties):
     """Resize to 300x300 and normalise; boxes (n, 4) pixels -> fractions of the image size."""
-    width, height = image.size
-    boxes = boxes / torch.tensor([width, height, width, height], dtype=torch.float32)
-    return to_model_input(image), boxes, labels, difficulties
+    return to_model_input(image), fractions_of(image.size, boxes), labels, difficulties
 
 
 # ----------------------------------------------------------------------------------------------
@@ -691,9 +695,8 @@ class PascalVOCDataset(torch.utils.data.Dataset):
             with self._sample_rng(index):
                 drawn = draw_augmentation(size, boxes, labels, difficulties, self.crop, self.zoom_out)
         else:   # eval_transform's sample: the whole image resized, no colour change
-            width, height = size
-            drawn = Augmentation(NO_PHOTOMETRIC, whole_image(size), boxes / torch.tensor(
-                [width, height, width, height], dtype=torch.float32), labels, difficulties)
+            drawn = Augmentation(NO_PHOTOMETRIC, whole_image(size), fractions_of(size, boxes), labels,
+                                 difficulties)
         pending = PendingImage(self.images[index], data, orientation, drawn.photometric, drawn.geometry)
         return pending, drawn.boxes, drawn.labels, drawn.difficulties
 
