@@ -12,6 +12,7 @@ or on the training device (decode="device", gpu_augment.py). Its randomness depe
 order in which samples are drawn.
 """
 import contextlib
+import io
 import json
 from pathlib import Path
 from typing import NamedTuple
@@ -175,14 +176,18 @@ def read_undecoded(path, annotated_size=None):
     try:
         # Python's reads (not torchvision.io.read_file), so that errors read as load_image's.
         with open(path, "rb") as file:
-            data = torch.frombuffer(bytearray(file.read()), dtype=torch.uint8)
-        with Image.open(path) as image:                        # the header only
-            if image.format == "JPEG" and image.mode in ("RGB", "L") and data[-2:].tolist() == [0xFF, 0xD9]:
-                exif = uses_exif_frame(image, annotated_size)
-                orientation = image.getexif().get(ExifTags.Base.Orientation, 1) if exif else 1
-                return data, orientation, exif_rotated_size(image) if exif else image.size
+            raw = file.read()
     except UNREADABLE as error:
         raise cannot_read(path, error) from error
+    try:
+        with Image.open(io.BytesIO(raw)) as image:             # the header only, from the bytes read
+            if image.format == "JPEG" and image.mode in ("RGB", "L") and raw.endswith(b"\xff\xd9"):
+                exif = uses_exif_frame(image, annotated_size)
+                orientation = image.getexif().get(ExifTags.Base.Orientation, 1) if exif else 1
+                data = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+                return data, orientation, exif_rotated_size(image) if exif else image.size
+    except UNREADABLE:
+        pass                              # load_image reads it again and says why, by name
     image = load_image(path, annotated_size)
     return torch.from_numpy(np.asarray(image).transpose(2, 0, 1).copy()), 1, image.size
 

@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from datasets import DataError, PascalVOCDataset, check_same_classes, collate_fn
-from gpu_augment import decode_on_device, render_batch
+from gpu_augment import decode_place, render_batch
 from metrics import coco_metrics, mean_average_precision, precision_recall_curves
 from model import load_checkpoint
 from utils import (EVAL_DECODING, HelpFormatter, add_precision_arguments, atomic_write_json, bounded,
@@ -179,8 +179,8 @@ def main(argv=None):
         net, checkpoint = load_checkpoint(args.checkpoint, device)
         config = checkpoint["config"]
         data_folder = args.data_folder or config.get("data_folder")
-        decode = "device" if decode_on_device(args.gpu_decode, device) else "cpu"
-        dataset = PascalVOCDataset(data_folder, "test", keep_difficult=True, on_error="mark", decode=decode)
+        dataset = PascalVOCDataset(data_folder, "test", keep_difficult=True, on_error="mark",
+                                   decode=decode_place(args.gpu_decode, device))
         check_same_classes(config["label_map"], dataset.label_map, args.checkpoint, data_folder)
         out = writable_folder(args.out or Path(args.checkpoint).parent)
         return evaluate_and_report(net, checkpoint, dataset, data_folder, out, args, device)

@@ -38,10 +38,12 @@ PRECISION_BITS = 22   # Pillow's fixed-point coefficients for 8-bit images: 32 -
 # Decoding
 
 
-def decode_on_device(choice, device):
-    """--gpu-augment / --gpu-decode: an explicit True or False, or None (auto): on with CUDA,
-    where the loader processes' CPUs would otherwise limit the rate, off elsewhere."""
-    return torch.device(device).type == "cuda" if choice is None else choice
+def decode_place(choice, device):
+    """PascalVOCDataset's `decode` for --gpu-augment / --gpu-decode: an explicit True
+    ("device") or False ("cpu"), or None (auto): "device" with CUDA, where the loader
+    processes' CPUs would otherwise limit the rate, "cpu" elsewhere."""
+    on_device = torch.device(device).type == "cuda" if choice is None else choice
+    return "device" if on_device else "cpu"
 
 
 

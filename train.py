@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from datasets import (CROP_POLICIES, ZOOM_OUT_MAX, DataError, PascalVOCDataset, check_same_classes,
                       collate_fn)
-from gpu_augment import decode_on_device, render_batch
+from gpu_augment import decode_place, render_batch
 from model import MultiBoxLoss, SSD300, load_for_new_classes, read_checkpoint
 from utils import (HelpFormatter, add_precision_arguments, atomic_torch_save, atomic_write, bounded,
                    choose_precision, describe_precision, pick_device, remove_stale_temporaries,
@@ -453,11 +453,10 @@ class Trainer:
     def _build_data(self):
         config = self.config
         # Left unset (auto) in the config, so that a run resumed on another device chooses again.
-        gpu_augment = decode_on_device(config.get("gpu_augment"), self.device)
         self.dataset = PascalVOCDataset(config["data_folder"], "train", config["keep_difficult"],
                                         config["seed"], crop=config.get("crop", "caffe"),
                                         zoom_out=config.get("zoom_out", ZOOM_OUT_MAX), on_error="mark",
-                                        decode="device" if gpu_augment else "cpu")
+                                        decode=decode_place(config.get("gpu_augment"), self.device))
         if "label_map" in config:                                               # resumed run
             check_same_classes(config["label_map"], self.dataset.label_map,
                                "the checkpoint", config["data_folder"])
@@ -696,8 +695,8 @@ def make_evaluator(config, device, dtype, memory_format):
     """Test-set VOC07 mAP during training (on rank 0 only, other ranks wait), its images
     decoded where the training images are (--gpu-augment)."""
     from eval import evaluate
-    decode = "device" if decode_on_device(config.get("gpu_augment"), device) else "cpu"
-    test_set = PascalVOCDataset(config["data_folder"], "test", on_error="mark", decode=decode)
+    test_set = PascalVOCDataset(config["data_folder"], "test", on_error="mark",
+                                decode=decode_place(config.get("gpu_augment"), device))
 
     def run(net):
         result = ""
