@@ -33,7 +33,7 @@ from tqdm import tqdm
 from datasets import (CROP_POLICIES, ZOOM_OUT_MAX, DataError, PascalVOCDataset, check_same_classes,
                       collate_fn)
 from gpu_augment import decode_place, render_batch
-from model import MultiBoxLoss, SSD300, load_for_new_classes, read_checkpoint
+from model import FREEZE_CHOICES, MultiBoxLoss, SSD300, load_for_new_classes, read_checkpoint
 from utils import (HelpFormatter, add_precision_arguments, atomic_torch_save, atomic_write, bounded,
                    choose_precision, describe_precision, pick_device, remove_stale_temporaries,
                    save_figure)
@@ -55,8 +55,9 @@ PRESETS = {
                 zoom_out=2.0, batch_size=8, lr=3e-3, iterations=700, lr_steps=[525, 650], warmup=50,
                 workers=0, print_every=25, save_every=200, eval_every=350),
 }
-# Settings that define the network: a resumed run must keep them.
-ARCHITECTURE = ("backbone", "width", "n_classes", "base_bn")
+# Settings a resumed run must keep: those that define the network, and which of its
+# parameters train (the optimizer's state is per parameter).
+KEPT_ON_RESUME = ("backbone", "width", "n_classes", "base_bn", "freeze")
 LOG_FIELDS = ["iteration", "loss", "loc_loss", "conf_loss", "lr", "images_per_s", "elapsed_s", "mAP"]
 
 
@@ -103,6 +104,10 @@ def build_parser(suppress_defaults=False):
                      help="localisation loss: L1 (this project's default, as in the sgrvinod "
                           "tutorial) or smooth L1 (the paper's and the Caffe release's)")
     opt = p.add_argument_group("optimisation")
+    opt.add_argument("--freeze", choices=FREEZE_CHOICES, default=d(None),
+                     help="keep the base's first stages fixed: up to conv1_x, up to conv2_x, or "
+                          "none (default: conv2 when starting from pretrained weights, as Caffe's "
+                          "ssd_pascal.py does; none from scratch, where those filters are random)")
     opt.add_argument("--batch-size", type=bounded(int, 1), default=d(32),
                      help="global batch, over all GPUs")
     opt.add_argument("--optimizer", choices=["sgd", "adamw"], default=d("sgd"),
@@ -244,8 +249,9 @@ def make_optimizer(net, config):
     --optimizer adamw (decoupled weight decay, same parameter groups) trains a network from
     scratch far more reliably; the toy preset uses it.
     """
-    biases = [p for n, p in net.named_parameters() if n.endswith(".bias")]
-    weights = [p for n, p in net.named_parameters() if not n.endswith(".bias")]
+    trained = [(n, p) for n, p in net.named_parameters() if p.requires_grad]   # not --freeze's
+    biases = [p for n, p in trained if n.endswith(".bias")]
+    weights = [p for n, p in trained if not n.endswith(".bias")]
     groups = [dict(params=weights, lr_mult=1.0, weight_decay=config["weight_decay"]),
               dict(params=biases, lr_mult=2.0, weight_decay=0.0)]
     if config.get("optimizer", "sgd") == "adamw":
@@ -284,8 +290,9 @@ def load_resume_state(path, config, explicit):
     path = Path(config["out"]) / "checkpoint.pt" if path == "latest" else Path(path)
     state = read_checkpoint(path, required=("model", "optimizer", "scaler", "config", "iteration"))
     saved = dict(state["config"])
+    saved.setdefault("freeze", "none")        # checkpoints from before --freeze trained it all
     for key in explicit:
-        if key in ARCHITECTURE and config[key] != saved.get(key):
+        if key in KEPT_ON_RESUME and config[key] != saved.get(key):
             raise ValueError(f"{path} was trained with {key}={saved.get(key)!r}, "
                              f"not {config[key]!r}: start a new run folder instead")
         if key not in ("resume", "preset"):
@@ -479,6 +486,9 @@ class Trainer:
                           pretrained=config["pretrained"] if resume_state is None else False,
                           base_bn=config.get("base_bn"))   # absent from older checkpoints
         config["base_bn"] = self.net.config["base_bn"]        # the choice made, for --resume
+        if config["freeze"] is None:
+            config["freeze"] = "conv2" if config["pretrained"] or config.get("init_from") else "none"
+        self.net.freeze(config["freeze"])
         if init_state is not None:
             shared = load_for_new_classes(self.net, init_state["model"], config["label_map"],
                                           init_state["config"]["label_map"])

@@ -154,6 +154,32 @@ def test_vgg_batch_norm_from_conv2_1_on():
     assert net.config["base_bn"] == "train" and SSD300(n_classes=3).config["base_bn"] is None
 
 
+@pytest.mark.parametrize("backbone, base_bn, first_stage, second_stage", [
+    ("vgg16", "train", ["conv1_1", "conv1_2"], ["conv2_1", "bn2_1", "conv2_2", "bn2_2"]),
+    ("resnet34", "train", ["conv1", "bn1"], ["layer1"]),
+])
+def test_freeze_stops_training_the_first_stages_only(backbone, base_bn, first_stage, second_stage):
+    """freeze("conv2"): no gradient reaches conv1_x and conv2_x (ResNet: conv1 and layer1),
+    every other parameter gets one; "conv1" keeps conv2_x training; "none" undoes it."""
+    torch.manual_seed(0)
+    net = SSD300(n_classes=3, backbone=backbone, width=0.125, base_bn=base_bn)
+    base = net.base.to_conv4_3 if backbone == "vgg16" else net.base.to_conv4
+    def stage_params(names):
+        return {id(p) for name in names for p in getattr(base, name).parameters()}
+    first, second = stage_params(first_stage), stage_params(second_stage)
+    assert first and second
+    x = torch.randn(2, 3, 300, 300)
+    for upto, frozen in [("conv2", first | second), ("conv1", first), ("none", set())]:
+        net.freeze(upto)
+        net.zero_grad(set_to_none=True)
+        sum(o.square().mean() for o in net(x)).backward()
+        for name, p in net.named_parameters():
+            assert (p.grad is None) == (id(p) in frozen), (upto, name)
+            assert p.requires_grad == (id(p) not in frozen), (upto, name)
+    with pytest.raises(ValueError, match="unknown stage"):
+        net.freeze("conv3")
+
+
 def test_l2norm_is_float32_under_autocast():
     norm = model.L2Norm(8)
     x = torch.randn(2, 8, 5, 5) * 300          # squares overflow float16 (max 65504)

@@ -125,9 +125,10 @@ def test_resnet34_run_evaluates_and_detects_without_naming_the_base(shapes_lists
     assert "base_bn='train'" in capsys.readouterr().err
 
 
-def test_resnet34_from_imagenet_weights_freezes_batch_norm(shapes_lists, tmp_path, capsys):
+def test_resnet34_from_imagenet_weights_freezes_batch_norm_and_conv1_conv2(shapes_lists, tmp_path, capsys):
     path = tmp_path / "resnet34.pth"
-    torch.save(torchvision.models.resnet34().state_dict(), path)
+    imagenet = torchvision.models.resnet34().state_dict()
+    torch.save(imagenet, path)
     run = tmp_path / "run"
     # Without the toy preset, whose base_bn is "train".
     assert train.main(["--backbone", "resnet34", "--pretrained", str(path), "--batch-size", "2",
@@ -136,6 +137,13 @@ def test_resnet34_from_imagenet_weights_freezes_batch_norm(shapes_lists, tmp_pat
     net, checkpoint = model.load_checkpoint(run / "checkpoint.pt")
     assert checkpoint["config"]["base_bn"] == "frozen"
     assert isinstance(net.base.to_conv4.layer3[0].bn1, torchvision.ops.FrozenBatchNorm2d)
+    # From pretrained weights --freeze defaults to conv2: conv1 and conv2_x (layer1) keep
+    # their ImageNet weights, conv3_x (layer2) on learn.
+    assert checkpoint["config"]["freeze"] == "conv2"
+    trained = checkpoint["model"]
+    for name in ("conv1.weight", "layer1.2.conv2.weight"):
+        assert torch.equal(trained["base.to_conv4." + name], imagenet[name]), name
+    assert not torch.equal(trained["base.to_conv4.layer2.0.conv1.weight"], imagenet["layer2.0.conv1.weight"])
     # Weights that cannot be had: a one-line error, no traceback.
     assert train.main(run_args(shapes_lists, tmp_path / "bad", "--backbone", "resnet34", "--width", "1",
                                "--pretrained", str(tmp_path / "missing.pth"))) == 1
@@ -185,6 +193,15 @@ def test_resume_refuses_another_model_or_foreign_files(shapes_lists, tmp_path, c
     assert train.main(run_args(shapes_lists, tmp_path, "--iterations", "2")) == 0
     assert train.main(["--resume", "--out", str(tmp_path), "--width", "0.125"]) == 2
     assert "width=0.0625" in capsys.readouterr().err
+    # Nor other frozen layers (the optimizer's state is per parameter).
+    assert train.main(["--resume", "--out", str(tmp_path), "--freeze", "conv1"]) == 2
+    assert "freeze='none'" in capsys.readouterr().err
+    # A checkpoint from before --freeze trained every layer, and resumes that way.
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    del checkpoint["config"]["freeze"]
+    torch.save(checkpoint, tmp_path / "older.pt")
+    assert train.main(["--resume", str(tmp_path / "older.pt"), "--out", str(tmp_path), "--iterations", "3"]) == 0
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["config"]["freeze"] == "none"
     # The same lists with another label map: the checkpoint's classes do not match.
     other = tmp_path / "other_lists"
     other.mkdir()
