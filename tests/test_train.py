@@ -67,6 +67,11 @@ def test_explicit_arguments_beat_the_preset():
     config = train.parse_config(["--preset", "toy", "--lr", "0.5"])
     assert config["lr"] == 0.5 and config["width"] == train.PRESETS["toy"]["width"]
     assert train.parse_config([])["lr"] == 1e-3
+    # AdamW's betas: the toy preset's beta2 of 0.99, PyTorch's defaults otherwise, or as given.
+    net = torch.nn.Linear(2, 2)
+    for argv, betas in [(["--preset", "toy"], (0.9, 0.99)), (["--optimizer", "adamw"], (0.9, 0.999)),
+                        (["--preset", "toy", "--betas", "0.8", "0.9"], (0.8, 0.9))]:
+        assert train.make_optimizer(net, train.parse_config(argv)).param_groups[0]["betas"] == betas
 
 
 def test_training_lowers_loss_and_raises_map(shapes_lists, tmp_path):
