@@ -20,8 +20,9 @@ Sections:
   coco        create_data_lists.py on a synthetic COCO-train2017-sized annotation file (118,287
               images, 860,001 boxes, a 16-point polygon each), JSON reading included, no image
               decoded (the image files exist, empty)
-  train       training images/s at batch 8: both bases at full width and at the toy preset's,
-              fp32 and bf16 + channels_last (CPU) or without and with AMP (CUDA)
+  train       training images/s at batch 8: both bases at full width (all layers trained, and
+              conv1_x-conv2_x frozen as train.py has them from ImageNet weights) and at the toy
+              preset's, fp32 and bf16 + channels_last (CPU) or without and with AMP (CUDA)
   pipeline    end-to-end training images/s (train.py's loop: loading, augmentation, step) on
               500x375 JPEGs, CPU (PIL) augmentation against --gpu-augment, beside the
               synthetic step rate at the same settings: VGG16 at batch 32 on CUDA, the toy
@@ -37,6 +38,7 @@ Prints a Markdown table; figures in the README came from this script.
 import argparse
 import contextlib
 import io
+import itertools
 import json
 import random
 import statistics
@@ -348,6 +350,7 @@ def step_rate(device, batch, backbone, width, dtype, fmt, repeats, n_classes=21,
     labels = [lab.to(device) for lab in labels]
     net = model.SSD300(n_classes, backbone, width=width, base_bn=config.get("base_bn"))
     net = net.to(device, memory_format=fmt).train()
+    net.freeze(config.get("freeze") or "none")
     criterion = model.MultiBoxLoss(net.priors_cxcy)
     optimizer = train.make_optimizer(net, dict(dict(weight_decay=5e-4, lr=1e-3, momentum=0.9), **config))
     x = torch.randn(batch, 3, 300, 300, generator=g).to(device, memory_format=fmt)
@@ -365,19 +368,24 @@ def section_train(device, args):
     modes = [("fp32, no AMP", None), ("bf16 AMP", torch.bfloat16)] if on_cuda else \
         [("fp32", None), ("bf16 autocast", torch.bfloat16)]
     for batch in ((8, 32) if on_cuda else (8,)):
-        for name, backbone, width in BASES + TOY:
-            for mode, dtype in modes:
-                # channels_last goes with bf16 on the CPU, and always on CUDA (cuDNN's NHWC kernels).
-                fmt = torch.channels_last if on_cuda or dtype else torch.contiguous_format
-                repeats = 3 if width == 1.0 and not on_cuda else 10
-                rate = step_rate(device, batch, backbone, width, dtype, fmt, repeats)
-                layout = "channels_last" if fmt == torch.channels_last else "NCHW"
-                report("train", f"{name}, {mode}, {layout}, batch {batch}", rate, "images/s")
+        for (name, backbone, width), mode_dtype, freeze in itertools.product(
+                BASES + TOY, modes, ("none", "conv2")):
+            if width != 1.0 and freeze != "none":
+                continue                      # the toy preset trains from scratch: nothing frozen
+            mode, dtype = mode_dtype
+            # channels_last goes with bf16 on the CPU, and always on CUDA (cuDNN's NHWC kernels).
+            fmt = torch.channels_last if on_cuda or dtype else torch.contiguous_format
+            repeats = 3 if width == 1.0 and not on_cuda else 10
+            rate = step_rate(device, batch, backbone, width, dtype, fmt, repeats, freeze=freeze)
+            layout = "channels_last" if fmt == torch.channels_last else "NCHW"
+            frozen = ", conv1_x-conv2_x frozen" if freeze != "none" else ""
+            report("train", f"{name}{frozen}, {mode}, {layout}, batch {batch}", rate, "images/s")
 
 
-# The pipeline section's runs: on CUDA the paper's network and batch (no ImageNet download),
-# on a CPU the toy preset.
-PIPELINE_RUNS = {"cuda": ["--batch-size", "32", "--no-pretrained"], "cpu": ["--preset", "toy"]}
+# The pipeline section's runs: on CUDA the paper's network and batch (no ImageNet download, but
+# conv1_x-conv2_x frozen as train.py has them from ImageNet weights), on a CPU the toy preset.
+PIPELINE_RUNS = {"cuda": ["--batch-size", "32", "--no-pretrained", "--freeze", "conv2"],
+                 "cpu": ["--preset", "toy"]}
 
 
 def pipeline_rate(lists, device, settings, augment_flag, iterations, workers):
@@ -410,7 +418,8 @@ def section_pipeline(device, args):
             rate = pipeline_rate(lists, device, settings, flag, iterations, args.workers)
             report("pipeline", f"training, {what}", rate, "images/s", note)
     rate = step_rate(device, config["batch_size"], config["backbone"], config["width"], dtype, fmt,
-                     repeats=10, n_classes=4, base_bn=config["base_bn"], optimizer=config["optimizer"])
+                     repeats=10, n_classes=4, base_bn=config["base_bn"], optimizer=config["optimizer"],
+                     freeze=config["freeze"])
     report("pipeline", "training step, synthetic batch (no data)", rate, "images/s", note)
 
 
