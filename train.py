@@ -495,6 +495,8 @@ class Trainer:
         if config["freeze"] is None:
             config["freeze"] = "conv2" if config["pretrained"] or config.get("init_from") else "none"
         self.net.freeze(config["freeze"])
+        if self.main_process and config["freeze"] != "none":
+            print(f"frozen: the base up to {config['freeze']}_x (--freeze)")
         if init_state is not None:
             shared = load_for_new_classes(self.net, init_state["model"], config["label_map"],
                                           init_state["config"]["label_map"])

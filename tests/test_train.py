@@ -145,6 +145,7 @@ def test_resnet34_from_imagenet_weights_freezes_batch_norm_and_conv1_conv2(shape
     # From pretrained weights --freeze defaults to conv2: conv1 and conv2_x (layer1) keep
     # their ImageNet weights, conv3_x (layer2) on learn.
     assert checkpoint["config"]["freeze"] == "conv2"
+    assert "frozen: the base up to conv2_x" in capsys.readouterr().out
     trained = checkpoint["model"]
     for name in ("conv1.weight", "layer1.2.conv2.weight"):
         assert torch.equal(trained["base.to_conv4." + name], imagenet[name]), name
