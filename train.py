@@ -62,6 +62,9 @@ PRESETS = {
 # Settings a resumed run must keep: those that define the network, and which of its
 # parameters train (the optimizer's state is per parameter).
 KEPT_ON_RESUME = ("backbone", "width", "n_classes", "base_bn", "freeze")
+# AdamW's decay rates of its moment averages when not given: Adam's (and PyTorch's) defaults,
+# also what checkpoints from before --betas were trained with.
+ADAMW_BETAS = (0.9, 0.999)
 LOG_FIELDS = ["iteration", "loss", "loc_loss", "conf_loss", "lr", "images_per_s", "elapsed_s", "mAP"]
 
 
@@ -118,7 +121,7 @@ def build_parser(suppress_defaults=False):
                      help="SGD with momentum (the paper's) or AdamW")
     opt.add_argument("--lr", type=bounded(float, above=0), default=d(1e-3), help="base learning rate")
     opt.add_argument("--momentum", type=bounded(float, 0, below=1), default=d(0.9), help="SGD momentum")
-    opt.add_argument("--betas", type=bounded(float, 0, below=1), nargs=2, default=d([0.9, 0.999]),
+    opt.add_argument("--betas", type=bounded(float, 0, below=1), nargs=2, default=d(ADAMW_BETAS),
                      metavar=("BETA1", "BETA2"), help="AdamW's decay rates of its gradient moments")
     opt.add_argument("--weight-decay", type=bounded(float, 0), default=d(5e-4),
                      help="on weights, not biases")
@@ -261,7 +264,7 @@ def make_optimizer(net, config):
     groups = [dict(params=weights, lr_mult=1.0, weight_decay=config["weight_decay"]),
               dict(params=biases, lr_mult=2.0, weight_decay=0.0)]
     if config.get("optimizer", "sgd") == "adamw":
-        return torch.optim.AdamW(groups, lr=config["lr"], betas=tuple(config.get("betas", (0.9, 0.999))))
+        return torch.optim.AdamW(groups, lr=config["lr"], betas=tuple(config.get("betas", ADAMW_BETAS)))
     return torch.optim.SGD(groups, lr=config["lr"], momentum=config["momentum"])
 
 
