@@ -14,10 +14,12 @@ torch.nn.functional.interpolate, which cannot take a fractional source box (the 
 samples' window), has no Lanczos, and whose "area" and "nearest" modes pick other pixels than
 Pillow's BOX and NEAREST. Per axis, Pillow's filter coefficients (quantised to 22 bits as
 Pillow does) form a small matrix; the two passes are two matrix products, in Pillow's order,
-each rounded to 8 bits as Pillow rounds between its passes. The colour steps use the
-lookup tables of datasets.py and Pillow's 8-bit HSV conversion (Convert.c), written in torch.
+each rounded to 8 bits as Pillow rounds between its passes, for the whole batch at once
+(resize_batch). The colour steps use the lookup tables of datasets.py and Pillow's 8-bit HSV
+conversion (Convert.c), written in torch, also batched. Nothing waits for the device.
 """
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -36,6 +38,13 @@ PRECISION_BITS = 22   # Pillow's fixed-point coefficients for 8-bit images: 32 -
 
 # ----------------------------------------------------------------------------------------------
 # Decoding
+
+
+def to_device(values, dtype, device):
+    """Host numbers as a tensor on `device`, without waiting for it: torch.tensor(...,
+    device="cuda") copies from pageable memory and then waits for the whole stream, so a
+    batch made with it could not be prepared while the GPU still runs the last step."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 
 def decode_place(choice, device):
@@ -85,7 +94,15 @@ def decode(images, device):
 
 
 # ----------------------------------------------------------------------------------------------
-# Resampling as Pillow does it
+# Resampling as Pillow does it, a whole batch at once
+#
+# Each image's resize is planned on the host from its size and window (plan_resize: Python
+# numbers only) and run for the whole batch in a few tensor operations: per image, only the
+# crop of its pixels the filter reads is copied into one zero-padded batch (shrunk first by
+# Image.reduce where Pillow does so); every image's filter weights, its place in the output
+# included, are built together; the two passes are two batched matrix products. On a GPU
+# every operation is a kernel launch from the host, and a per-image loop (about 100 of them
+# per image) would take the host longer than the training step takes the GPU.
 
 
 def pillow_filter(x, interpolation):
@@ -105,42 +122,121 @@ def pillow_filter(x, interpolation):
     raise ValueError(f"no Pillow filter {interpolation!r}")
 
 
-def pillow_coefficients(in0, in1, in_size, out_size, interpolation, device):
-    """Pillow's resampling of source span [in0, in1) of an axis of `in_size` pixels to
-    `out_size` pixels (precompute_coeffs, normalize_coeffs_8bpc): returns (the first source
-    pixel used, float32 weights (out_size, n) over the n source pixels from there).
+class AxisPlan(NamedTuple):
+    """One axis of one image's resize as Pillow runs it: source pixels [start, stop) are read
+    and shrunk by `factor` (Image.reduce, short blocks at the end kept; 1: not shrunk), making
+    pixels [first, first + length) of a reduced axis of `size` pixels, which are resampled to
+    output pixels [out0, out1): by Pillow's filter over the source span from in0, `scale`
+    reduced pixels per output pixel (precompute_coeffs), or for NEAREST by picking pixel
+    `picks[k]` for output pixel out0 + k."""
+    start: int
+    stop: int
+    factor: int
+    first: int
+    length: int
+    size: int
+    out0: int
+    out1: int
+    interpolation: int
+    in0: float = 0.0
+    scale: float = 1.0
+    picks: tuple = ()
 
-    Box edges are float32 as Pillow receives them; each weight is quantised to 22 bits, so
-    that a float32 product with 8-bit values matches Pillow's integer sums.
-    """
-    in0, in1 = np.float32(in0), np.float32(in1)
+
+NO_AXIS = AxisPlan(0, 0, 1, 0, 0, 0, 0, 0, Image.NEAREST)      # an image with nothing to show
+
+
+def plan_axis(in0, in1, span, out0, out1, interpolation, factor):
+    """The AxisPlan of resampling [in0, in1) of the reduced axis (source pixels span = (s0, s1)
+    shrunk by `factor`) to output pixels [out0, out1). The window [first, last) is the one
+    Pillow reads (precompute_coeffs; int() truncates, as C's cast)."""
+    s0, s1 = span
+    size, out_size = -(-(s1 - s0) // factor), out1 - out0
+    in0, in1 = np.float32(in0), np.float32(in1)               # the box as Pillow receives it
+    if interpolation == Image.NEAREST:
+        picks = nearest_indices(in0, in1, out_size).clip(max=size - 1)
+        first, last = int(picks.min()), int(picks.max()) + 1
+        return AxisPlan(s0 + first, s0 + last, 1, first, last - first, size, out0, out1, interpolation,
+                        picks=tuple(picks.tolist()))
     scale = float(in1 - in0) / out_size
-    filterscale = max(scale, 1.0)
-    support = FILTER_SUPPORT[interpolation] * filterscale
-    # The window of source pixels, as Pillow rounds it (int() truncates, as C's cast does).
+    support = FILTER_SUPPORT[interpolation] * max(scale, 1.0)
     first = max(0, int(float(in0) + 0.5 * scale - support + 0.5))
-    last = min(in_size, int(float(in0) + (out_size - 0.5) * scale + support + 0.5))
-    centre = float(in0) + (torch.arange(out_size, dtype=torch.float64, device=device) + 0.5) * scale
-    low = (centre - support + 0.5).trunc().clamp(min=0)[:, None]
-    high = (centre + support + 0.5).trunc().clamp(max=in_size)[:, None]
-    source = torch.arange(first, last, dtype=torch.float64, device=device)
-    weights = pillow_filter((source - centre[:, None] + 0.5) * (1.0 / filterscale), interpolation)
-    weights = torch.where((source >= low) & (source < high), weights, 0.0)
-    total = weights.sum(dim=1, keepdim=True)
+    last = max(first, min(size, int(float(in0) + (out_size - 0.5) * scale + support + 0.5)))
+    return AxisPlan(s0 + first * factor, min(s0 + last * factor, s1), factor, first, last - first, size,
+                    out0, out1, interpolation, float(in0), scale)
+
+
+def plan_resize(image_size, out_box, box, interpolation):
+    """Plans (x AxisPlan, y AxisPlan, whether the vertical pass runs first) of
+    image.resize(out_box's size, interpolation, box=box, reducing_gap=1.0) pasted at out_box,
+    for an image of image_size (width, height). With reducing_gap 1, Pillow first shrinks the
+    window the filter reads (safe_box) by the whole factor of the scale with Image.reduce,
+    then resamples the rest; NEAREST picks pixels without either."""
+    width, height = out_box[2] - out_box[0], out_box[3] - out_box[1]
+    factor, span = (1, 1), (0, 0, *image_size)
+    if interpolation != Image.NEAREST:
+        factor = (int((box[2] - box[0]) / width) or 1, int((box[3] - box[1]) / height) or 1)
+    if factor != (1, 1):
+        span = safe_box((width, height), box, interpolation, image_size)
+        box = ((box[0] - span[0]) / factor[0], (box[1] - span[1]) / factor[1],
+               (box[2] - span[0]) / factor[0], (box[3] - span[1]) / factor[1])
+    x, y = (plan_axis(box[a], box[a + 2], (span[a], span[a + 2]), out_box[a], out_box[a + 2],
+                      interpolation, factor[a]) for a in (0, 1))
+    return x, y, vertical_first((x.size, y.size), (width, height))
+
+
+def axis_weights(plans, length, device):
+    """The resampling weights of AxisPlans, float32 (M, 300, length): output pixel by window
+    pixel, zero outside each plan's output span and window.
+
+    Pillow's coefficients (precompute_coeffs, normalize_coeffs_8bpc) in float64: each output
+    pixel's taps from its first source pixel `low` over a band of B (wide enough for the
+    widest filter), normalised, quantised to 22 bits so that a float32 product with 8-bit
+    values matches Pillow's integer sums, then scattered into the window's columns.
+    """
+    support = [FILTER_SUPPORT.get(p.interpolation, 0.0) * max(p.scale, 1.0) for p in plans]
+    band = int(2 * max(support)) + 2                          # high - low <= 2 support + 1
+    numbers = to_device([[p.in0, p.scale, s, max(p.scale, 1.0), p.first, p.size, p.out0, p.out1,
+                          p.interpolation] for p, s in zip(plans, support)], torch.float64, device)
+    picks = np.full((len(plans), IMAGE_SIZE), -1.0)
+    for row, p in zip(picks, plans):
+        row[p.out0:p.out0 + len(p.picks)] = p.picks
+    in0, scale, support, filterscale, first, size, out0, out1, code = \
+        numbers.T[..., None, None]                                                   # (M, 1, 1)
+    picks = torch.from_numpy(picks).to(device, non_blocking=True)[..., None]          # (M, 300, 1)
+    out = torch.arange(IMAGE_SIZE, dtype=torch.float64, device=device)[:, None]        # (300, 1)
+    taps = torch.arange(band, dtype=torch.float64, device=device)
+    centre = in0 + (out - out0 + 0.5) * scale                                          # (M, 300, 1)
+    low = (centre - support + 0.5).trunc().clamp(min=0)
+    high = torch.minimum((centre + support + 0.5).trunc(), size)
+    nearest = code == Image.NEAREST
+    low = torch.where(nearest, picks, low)
+    source = low + taps                                                                # (M, 300, B)
+    x = (source - centre + 0.5) * (1.0 / filterscale)
+    weights = torch.zeros_like(x)
+    for interpolation in sorted({p.interpolation for p in plans} - {Image.NEAREST}):
+        weights = torch.where(code == interpolation, pillow_filter(x, interpolation), weights)
+    weights = torch.where(source < high, weights, 0.0)
+    total = weights.sum(dim=2, keepdim=True)
     weights = torch.where(total != 0, weights / total, weights)
     unit = 1 << PRECISION_BITS
-    quantised = (weights * unit + torch.where(weights < 0, -0.5, 0.5)).trunc()
-    return first, (quantised / unit).float()
+    weights = (weights * unit + torch.where(weights < 0, -0.5, 0.5)).trunc() / unit
+    weights = torch.where(nearest, (taps == 0).double(), weights)
+    weights = torch.where((out >= out0) & (out < out1), weights, 0.0).float()
+    # Taps past the window carry 0: any column will do, and adding 0 changes nothing.
+    columns = (source - first).long().clamp_(0, max(length - 1, 0))
+    dense = torch.zeros(len(plans), IMAGE_SIZE, max(length, 1), device=device)
+    return dense.scatter_add_(2, columns, weights)[..., :length]
 
 
 def resample_pass(pixels, weights, dim):
-    """One of Pillow's passes: float32 (..., H, W) 8-bit values -> weighted along `dim`
-    (-1: columns, weights (out, W); -2: rows, weights (out, H)), rounded half up and clipped
-    to 0..255 as Pillow's clip8. Full float32 products, PyTorch's default: with TF32 matmuls
-    allowed (torch.backends.cuda.matmul.allow_tf32) 4% of the pixels would be a level off
-    (simulated on noise, 300x300 from 100-600 pixels)."""
+    """One of Pillow's passes on a batch: float32 (N, C, H, W) 8-bit values weighted along
+    `dim` (-1: columns, weights (N, 1, out, W); -2: rows, weights (N, 1, out, H)), rounded half
+    up and clipped to 0..255 as Pillow's clip8. Full float32 products, PyTorch's default: with
+    TF32 matmuls allowed (torch.backends.cuda.matmul.allow_tf32) 4% of the pixels would be a
+    level off (simulated on noise, 300x300 from 100-600 pixels)."""
     if dim == -1:
-        out = pixels @ weights.T
+        out = pixels @ weights.transpose(-1, -2)
     else:
         out = weights @ pixels
     return (out + 0.5).floor_().clamp_(0, 255)
@@ -161,7 +257,7 @@ def pillow_reduce(pixels, factor):
                         divisor_override=1)[0].long()
     n = reduce_counts(pixels.shape[-2], fy, pixels.device)[:, None] \
         * reduce_counts(pixels.shape[-1], fx, pixels.device)[None, :]
-    multiplier = (torch.tensor(2.0 ** 32, device=pixels.device) / (256 * n).float()).long()
+    multiplier = (2.0 ** 32 / (256 * n).float()).long()        # 2^32 is exact in float32
     return (((sums + n // 2) * multiplier) >> 24).to(torch.uint8)
 
 
@@ -178,10 +274,9 @@ def safe_box(size, box, interpolation, image_size):
 def nearest_indices(in0, in1, out_size):
     """Pillow's NEAREST source pixels (ImagingScaleAffine): floor(in0 + (i + 0.5) * step),
     the position accumulated step by step in double precision as Pillow's loop does."""
-    in0, in1 = np.float32(in0), np.float32(in1)
-    step = float(in1 - in0) / out_size
+    step = float(np.float32(in1) - np.float32(in0)) / out_size
     positions = np.cumsum(np.r_[float(in0) + step * 0.5, np.full(out_size - 1, step)])
-    return torch.from_numpy(positions.astype(np.int64))
+    return positions.astype(np.int64)
 
 
 def vertical_first(in_size, out_size):
@@ -192,32 +287,56 @@ def vertical_first(in_size, out_size):
     return in_height >= height and in_height - height > 2 * (in_width - width)
 
 
-def resize_like_pillow(pixels, size, interpolation, box):
-    """image.resize(size, interpolation, box=box, reducing_gap=1.0) on a uint8 tensor
-    (3, H, W) -> uint8 (3, size[1], size[0]), on its device.
+def gather_windows(decoded, plans, device):
+    """The pixels each image's resize reads, float32 (N, 3, Ky, Kx), zero-padded to the
+    largest: its plans' crop of the source, reduced by Image.reduce where they say."""
+    height, width = max(y.length for _, y, _ in plans), max(x.length for x, _, _ in plans)
+    windows = torch.zeros(len(plans), 3, height, width, device=device)
+    for i, (pixels, (x, y, _)) in enumerate(zip(decoded, plans)):
+        crop = pixels[:, y.start:y.stop, x.start:x.stop]
+        if x.factor > 1 or y.factor > 1:
+            crop = pillow_reduce(crop, (x.factor, y.factor))
+        windows[i, :, :y.length, :x.length] = crop
+    return windows
 
-    With reducing_gap 1, Pillow first shrinks by the whole factor of the scale with a box
-    filter (Image.reduce over the window the filter reads), then resamples the rest; NEAREST
-    picks pixels without either.
-    """
-    width, height = size
-    if interpolation == Image.NEAREST:
-        rows = nearest_indices(box[1], box[3], height).clamp(max=pixels.shape[-2] - 1)
-        cols = nearest_indices(box[0], box[2], width).clamp(max=pixels.shape[-1] - 1)
-        return pixels[:, rows.to(pixels.device)][:, :, cols.to(pixels.device)]
-    factor = (int((box[2] - box[0]) / width) or 1, int((box[3] - box[1]) / height) or 1)
-    if factor != (1, 1):
-        x0, y0, x1, y1 = safe_box(size, box, interpolation, (pixels.shape[-1], pixels.shape[-2]))
-        pixels = pillow_reduce(pixels[:, y0:y1, x0:x1], factor)
-        box = ((box[0] - x0) / factor[0], (box[1] - y0) / factor[1],
-               (box[2] - x0) / factor[0], (box[3] - y0) / factor[1])
-    in_height, in_width = pixels.shape[-2:]
-    top, rows = pillow_coefficients(box[1], box[3], in_height, height, interpolation, pixels.device)
-    left, cols = pillow_coefficients(box[0], box[2], in_width, width, interpolation, pixels.device)
-    window = pixels[:, top:top + rows.shape[1], left:left + cols.shape[1]].float()
-    if vertical_first((in_width, in_height), size):
-        return resample_pass(resample_pass(window, rows, -2), cols, -1).to(torch.uint8)
-    return resample_pass(resample_pass(window, cols, -1), rows, -2).to(torch.uint8)
+
+def resize_batch(decoded, placements, device):
+    """Images resized as Pillow would and placed on a 300x300 output: uint8 (3, H, W) images and,
+    for each, (out_box (x1, y1, x2, y2) in the output, box (left, top, right, bottom) of its
+    pixels, interpolation), each image as image.resize(out_box's size, interpolation, box=box,
+    reducing_gap=1.0) pasted at out_box; None: nothing shown. Returns uint8 (N, 3, 300, 300),
+    0 outside the boxes, and where the boxes are, bool (N, 1, 300, 300)."""
+    n = len(decoded)
+    if n == 0:
+        return (torch.zeros(0, 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8, device=device),
+                torch.zeros(0, 1, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.bool, device=device))
+    plans = [(NO_AXIS, NO_AXIS, False) if placement is None else
+             plan_resize((pixels.shape[-1], pixels.shape[-2]), *placement)
+             for pixels, placement in zip(decoded, placements)]
+    windows = gather_windows(decoded, plans, device)
+    weights = axis_weights([x for x, _, _ in plans] + [y for _, y, _ in plans], max(windows.shape[-2:]), device)
+    cols, rows = weights[:n, None, :, :windows.shape[-1]], weights[n:, None, :, :windows.shape[-2]]
+    canvas = torch.empty(n, 3, IMAGE_SIZE, IMAGE_SIZE, device=device)
+    for vertical in (False, True):
+        members = [i for i, (_, _, v) in enumerate(plans) if v == vertical]
+        if len(members) == n:                                           # the usual case
+            canvas = resample(windows, rows, cols, vertical)
+        elif members:
+            index = to_device(members, torch.long, device)
+            canvas.index_copy_(0, index, resample(windows[index], rows[index], cols[index], vertical))
+    spans = to_device([[x.out0, x.out1, y.out0, y.out1] for x, y, _ in plans], torch.long, device)
+    position = torch.arange(IMAGE_SIZE, device=device)
+    x0, x1, y0, y1 = spans.T[..., None]                                             # (N, 1)
+    inside = ((position >= y0) & (position < y1))[:, :, None] & ((position >= x0) & (position < x1))[:, None]
+    return canvas.to(torch.uint8), inside[:, None]
+
+
+def resample(windows, rows, cols, vertical_first):
+    """Both of Pillow's passes, in its order: windows float32 (N, 3, Ky, Kx), rows (N, 1, 300,
+    Ky), cols (N, 1, 300, Kx) -> float32 (N, 3, 300, 300) 8-bit values."""
+    if vertical_first:
+        return resample_pass(resample_pass(windows, rows, -2), cols, -1)
+    return resample_pass(resample_pass(windows, cols, -1), rows, -2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -284,7 +403,7 @@ def distort_batch(pixels, photometrics):
     pixels = apply_tables(pixels, tables[:, 0])
     hsv_rows = [i for i, p in enumerate(photometrics) if p.changes_hsv]
     if hsv_rows:
-        rows = torch.tensor(hsv_rows, device=pixels.device)
+        rows = to_device(hsv_rows, torch.long, pixels.device)
         h, s, v = rgb_to_hsv(pixels[rows]).unbind(1)
         h = apply_tables(h[:, None], tables[rows, 1])[:, 0]
         s = apply_tables(s[:, None], tables[rows, 2])[:, 0]
@@ -294,44 +413,44 @@ def distort_batch(pixels, photometrics):
 
 def paste_resized(decoded, geometries, device):
     """Each image's visible part resampled to its place on a mean-filled canvas, as
-    datasets.render: uint8 (N, 3, 300, 300), and where the image is (N, 1, 300, 300) bool.
-    One image at a time: the windows' sizes differ."""
-    n = len(decoded)
-    canvas = torch.tensor(MEAN_PIXEL, dtype=torch.uint8, device=device).view(1, 3, 1, 1)
-    canvas = canvas.repeat(n, 1, IMAGE_SIZE, IMAGE_SIZE)
-    inside = torch.zeros(n, 1, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.bool, device=device)
-    for i, (pixels, geometry) in enumerate(zip(decoded, geometries)):
+    datasets.render: uint8 (N, 3, 300, 300), and where the image is (N, 1, 300, 300) bool."""
+    placements = []
+    for pixels, geometry in zip(decoded, geometries):
         window = visible_window((pixels.shape[-1], pixels.shape[-2]), geometry)
-        if window is None:
-            continue
-        (x1, y1, x2, y2), source = window
-        canvas[i, :, y1:y2, x1:x2] = resize_like_pillow(pixels, (x2 - x1, y2 - y1), geometry.interpolation,
-                                                        source)
-        inside[i, :, y1:y2, x1:x2] = True
-    return canvas, inside
+        placements.append(None if window is None else (*window, geometry.interpolation))
+    canvas, inside = resize_batch(decoded, placements, device)
+    mean = to_device(MEAN_PIXEL, torch.uint8, device).view(1, 3, 1, 1)
+    return torch.where(inside, canvas, mean), inside
 
 
 def normalise(pixels, memory_format=torch.contiguous_format):
     """uint8 (N, 3, H, W) -> float32 (N, 3, H, W) with the ImageNet mean and std, the same
     float32 arithmetic as datasets.to_model_input."""
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1) * 255
+    mean = to_device(IMAGENET_MEAN, torch.float32, pixels.device).view(1, 3, 1, 1) * 255
+    std = to_device(IMAGENET_STD, torch.float32, pixels.device).view(1, 3, 1, 1) * 255
     return ((pixels.float() - mean) / std).contiguous(memory_format=memory_format)
 
 
 def render_batch(batch, device, memory_format=torch.contiguous_format):
     """A Batch of PendingImages (collate_fn of a decode="device" dataset) -> the Batch of their
-    samples (training or evaluation), as the CPU path makes them: images float32 (N', 3, 300, 300) normalised,
-    on `device` in `memory_format`; the images that cannot be decoded left out with their
-    targets, their messages (as the CPU path's) added to `problems`."""
+    samples (training or evaluation), as the CPU path makes them: images float32 (N', 3, 300,
+    300) normalised, on `device` in `memory_format`; the images that cannot be decoded left
+    out with their targets, their messages (as the CPU path's) added to `problems`."""
     decoded, problems = decode(batch.images, device)
     kept = [i for i, pixels in enumerate(decoded) if pixels is not None]
-    pending = [batch.images[i] for i in kept]
-    canvas, inside = paste_resized([decoded[i] for i in kept], [p.geometry for p in pending], device)
+    images = make_samples([decoded[i] for i in kept], [batch.images[i] for i in kept], device, memory_format)
+    return Batch(images, *([column[i] for i in kept] for column in batch[1:4]), batch.problems + problems)
+
+
+def make_samples(decoded, pending, device, memory_format=torch.contiguous_format):
+    """Decoded images (uint8 (3, H, W) each, on `device`) and their PendingImages -> their
+    samples, float32 (N, 3, 300, 300) normalised, as datasets.render and to_model_input make
+    them. Nothing here waits for the device: on a GPU the next batch is made while the last
+    step still runs."""
+    canvas, inside = paste_resized(decoded, [p.geometry for p in pending], device)
     photometrics = [p.photometric for p in pending]
     if not all(p.neutral for p in photometrics):                    # evaluation's are
         canvas = torch.where(inside, distort_batch(canvas, photometrics), canvas)
-    flip = torch.tensor([p.geometry.flip for p in pending], dtype=torch.bool, device=device)
+    flip = to_device([p.geometry.flip for p in pending], torch.bool, device)
     canvas = torch.where(flip.view(-1, 1, 1, 1), canvas.flip(-1), canvas)
-    return Batch(normalise(canvas, memory_format), *([column[i] for i in kept] for column in batch[1:4]),
-                 batch.problems + problems)
+    return normalise(canvas, memory_format)

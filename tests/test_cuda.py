@@ -75,3 +75,23 @@ def test_gpu_augment_on_cuda_makes_the_cpu_paths_samples(shapes_lists):
     std = torch.tensor(datasets.IMAGENET_STD).view(1, 3, 1, 1) * 255
     levels = (batch.images.cpu() - expected.images).abs() * std                # 0-255 units
     assert levels.mean() < 1.0, levels.mean(dim=(1, 2, 3))
+
+
+def test_making_samples_on_cuda_does_not_wait_for_it(shapes_lists):
+    """Everything --gpu-augment does after decoding is queued without a host synchronisation
+    (none raises under sync debug mode "error"), so the host makes the next batch while the
+    GPU still runs the last step."""
+    import datasets
+    import gpu_augment
+    for split in ("train", "test"):
+        dataset = datasets.PascalVOCDataset(shapes_lists, split, decode="device")
+        pending = [dataset[i][0] for i in range(16)]
+        decoded, problems = gpu_augment.decode(pending, torch.device("cuda"))
+        assert not problems
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            images = gpu_augment.make_samples(decoded, pending, torch.device("cuda"), torch.channels_last)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert images.shape == (16, 3, 300, 300) and torch.isfinite(images).all()

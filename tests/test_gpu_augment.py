@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import datasets as D
 import gpu_augment as G
@@ -31,9 +32,10 @@ def chw(array):
 
 def test_resize_matches_pillow():
     """Image.resize with a fractional box and reducing_gap=1 (render's call), every filter,
-    shrinking (through Image.reduce) and enlarging, either pass first."""
+    shrinking (through Image.reduce) and enlarging, either pass first: 100 images of different
+    sizes resized in one batch, each pasted at its own place of the output."""
     rng = np.random.default_rng(0)
-    differing = {f: [] for f in FILTERS}
+    images, placements, expected = [], [], []
     for case in range(100):
         width, height = (int(v) for v in rng.integers(20, 600, size=2))
         pixels = random_pixels(rng, width, height, smooth=case % 2 == 1)
@@ -42,11 +44,22 @@ def test_resize_matches_pillow():
         if case % 3 == 0:                                     # whole pixels, as without zoom out
             box = tuple(float(int(v)) for v in box)
         size = (int(rng.integers(1, 301)), int(rng.integers(1, 301)))
+        left, top = int(rng.integers(0, 301 - size[0])), int(rng.integers(0, 301 - size[1]))
         interpolation = FILTERS[case % len(FILTERS)]
-        expected = np.asarray(Image.fromarray(pixels).resize(size, interpolation, box=box, reducing_gap=1.0))
-        out = G.resize_like_pillow(chw(pixels), size, interpolation, box).permute(1, 2, 0).numpy()
-        difference = np.abs(out.astype(int) - expected)
-        assert out.shape == expected.shape and difference.max() <= 2, (case, size, box, interpolation)
+        images.append(chw(pixels))
+        placements.append(((left, top, left + size[0], top + size[1]), box, interpolation))
+        expected.append(np.asarray(Image.fromarray(pixels).resize(size, interpolation, box=box, reducing_gap=1.0)))
+    images.append(chw(random_pixels(rng, 30, 40, smooth=False)))           # one showing nothing
+    placements.append(None)
+    canvas, inside = G.resize_batch(images, placements, torch.device("cpu"))
+    assert canvas.shape == (101, 3, 300, 300) and inside.shape == (101, 1, 300, 300)
+    assert not inside[-1].any() and not canvas[-1].any()
+    differing = {f: [] for f in FILTERS}
+    for out, shown, ((x1, y1, x2, y2), box, interpolation), want in zip(canvas, inside, placements, expected):
+        assert shown.sum() == (x2 - x1) * (y2 - y1) and shown[0, y1:y2, x1:x2].all()
+        assert not out.masked_select(~shown).any()                   # nothing outside its place
+        difference = np.abs(out[:, y1:y2, x1:x2].permute(1, 2, 0).numpy().astype(int) - want)
+        assert difference.max() <= 2, (want.shape, box, interpolation)
         differing[interpolation].append((difference > 0).mean())
     # NEAREST and BOX pick and average whole pixels: exact. The others' float32 sums differ
     # from Pillow's 32-bit integer ones only where the result is within ~1e-5 of a half.
@@ -243,6 +256,36 @@ def test_eval_decodes_on_the_device_with_the_same_result(tiny_checkpoint, tmp_pa
         results[flag] = json.loads((tmp_path / flag / "results.json").read_text())
     assert results["--gpu-decode"]["mAP_07"] == pytest.approx(results["--no-gpu-decode"]["mAP_07"], abs=0.01)
     assert results["--gpu-decode"]["mAP_07"] > 0
+
+
+class CountOperations(TorchDispatchMode):
+    """Counts the tensor operations that compute something (on a GPU: kernel launches), views
+    left out."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += not func.is_view
+        return func(*args, **(kwargs or {}))
+
+
+def test_making_samples_is_vectorised_over_the_batch(mixed_lists):
+    """A few operations per image, not a per-image loop's ~85 (train.py's batches of 32 would
+    cost the host more kernel launches than the GPU's training step takes): zoom-out, crops,
+    Image.reduce and every filter drawn, the images of many sizes."""
+    dataset = D.PascalVOCDataset(mixed_lists, "train", decode="device")
+    pending = [dataset[i][0] for i in range(len(dataset))]
+    decoded, _ = G.decode(pending, torch.device("cpu"))
+    counts = {}
+    for n in (5, len(pending)):
+        with CountOperations() as counter:
+            G.make_samples(decoded[:n], pending[:n], torch.device("cpu"))
+        counts[n] = counter.count
+    per_image = (counts[len(pending)] - counts[5]) / (len(pending) - 5)
+    assert per_image < 15, counts
+    assert {p.geometry.interpolation for p in pending} == set(FILTERS)
 
 
 def test_training_with_gpu_augment_on_the_cpu(shapes_lists, tmp_path):
