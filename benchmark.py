@@ -26,7 +26,9 @@ Sections:
   pipeline    end-to-end training images/s (train.py's loop: loading, augmentation, step) on
               500x375 JPEGs, CPU (PIL) augmentation against --gpu-augment, beside the
               synthetic step rate at the same settings: VGG16 at batch 32 on CUDA, the toy
-              preset on a CPU; --workers loading processes
+              preset on a CPU; --workers loading processes. Also --gpu-augment's decoding
+              and augmentation alone (render_batch): images/s, host time and tensor
+              operations per batch
   eval        evaluation images/s of eval.predict (data loading, network and decoding), both
               bases at full and toy width, on untrained weights (more boxes reach NMS than
               with a trained model); on CUDA also with the JPEGs decoded there (--gpu-decode)
@@ -50,6 +52,7 @@ from types import SimpleNamespace
 
 import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.ssd import SSD
@@ -62,6 +65,7 @@ import shapes
 import train
 import utils
 from eval import predict
+from gpu_augment import render_batch
 
 ROWS = []
 
@@ -401,6 +405,44 @@ def pipeline_rate(lists, device, settings, augment_flag, iterations, workers):
         return train.read_log(out)[1]["images_per_s"][-1]
 
 
+def render_rates(lists, device, batch_size):
+    """--gpu-augment's own work, no training step: render_batch (decoding and augmentation) over
+    batches read beforehand. Reports its images/s, the host's time to queue a batch (below the
+    device's when nothing waits for it), and the tensor operations (on a GPU: kernel
+    launches) per image."""
+    dataset = datasets.PascalVOCDataset(lists, "train", decode="device")
+    batches = [datasets.collate_fn([dataset[i] for i in range(start, start + batch_size)])
+               for start in range(0, len(dataset) - batch_size + 1, batch_size)]
+    render_batch(batches[0], device)                                       # warm-up
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    synchronize()
+    start = time.perf_counter()
+    for batch in batches:
+        render_batch(batch, device)
+    queued = time.perf_counter() - start
+    synchronize()
+    done = time.perf_counter() - start
+    with CountOperations() as counter:
+        render_batch(batches[0], device)
+    note = f"batch {batch_size}, 500x375 JPEGs read beforehand"
+    report("pipeline", "render_batch alone (decoding + augmentation)", len(batches) * batch_size / done,
+           "images/s", f"{note}; the host queues a batch in {1000 * queued / len(batches):.1f} ms")
+    report("pipeline", "render_batch tensor operations (GPU: kernel launches)", counter.count / batch_size,
+           "per image", note)
+
+
+class CountOperations(TorchDispatchMode):
+    """Counts the tensor operations that compute something (views left out)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += not func.is_view
+        return func(*args, **(kwargs or {}))
+
+
 def section_pipeline(device, args):
     """End-to-end training rate on 500x375 JPEGs: the CPU (PIL) augmentation in the loaders
     against --gpu-augment, and the synthetic step rate of the same network, batch and precision
@@ -417,6 +459,7 @@ def section_pipeline(device, args):
         for flag, what in (("--no-gpu-augment", "CPU (PIL) augmentation"), ("--gpu-augment", "--gpu-augment")):
             rate = pipeline_rate(lists, device, settings, flag, iterations, args.workers)
             report("pipeline", f"training, {what}", rate, "images/s", note)
+        render_rates(lists, device, config["batch_size"])
     rate = step_rate(device, config["batch_size"], config["backbone"], config["width"], dtype, fmt,
                      repeats=10, n_classes=4, base_bn=config["base_bn"], optimizer=config["optimizer"],
                      freeze=config["freeze"])

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import datasets as D
 import gpu_augment as G
 import train
+from benchmark import CountOperations
 from conftest import TINY
 
 FILTERS = (Image.NEAREST, Image.BOX, Image.BILINEAR, Image.BICUBIC, Image.LANCZOS)
@@ -256,19 +256,6 @@ def test_eval_decodes_on_the_device_with_the_same_result(tiny_checkpoint, tmp_pa
         results[flag] = json.loads((tmp_path / flag / "results.json").read_text())
     assert results["--gpu-decode"]["mAP_07"] == pytest.approx(results["--no-gpu-decode"]["mAP_07"], abs=0.01)
     assert results["--gpu-decode"]["mAP_07"] > 0
-
-
-class CountOperations(TorchDispatchMode):
-    """Counts the tensor operations that compute something (on a GPU: kernel launches), views
-    left out."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += not func.is_view
-        return func(*args, **(kwargs or {}))
 
 
 def test_making_samples_is_vectorised_over_the_batch(mixed_lists):
