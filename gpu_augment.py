@@ -41,10 +41,15 @@ PRECISION_BITS = 22   # Pillow's fixed-point coefficients for 8-bit images: 32 -
 
 
 def to_device(values, dtype, device):
-    """Host numbers as a tensor on `device`, without waiting for it: torch.tensor(...,
-    device="cuda") copies from pageable memory and then waits for the whole stream, so a
-    batch made with it could not be prepared while the GPU still runs the last step."""
-    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+    """Host numbers (a list, array or CPU tensor) as a tensor on `device`, without waiting for
+    it. A copy from pageable memory (torch.tensor(..., device="cuda"), .to("cuda")) first waits
+    for everything queued on the stream, so the next batch could not be prepared while the GPU
+    still runs the last step; from pinned memory with non_blocking it is queued like a kernel
+    (PyTorch's caching host allocator keeps the pinned buffer until the copy is done)."""
+    host = torch.as_tensor(values, dtype=dtype)
+    if torch.device(device).type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
 
 
 def decode_place(choice, device):
@@ -74,7 +79,7 @@ def decode(images, device):
     to name the bad ones with the CPU path's message (datasets.cannot_read).
     """
     jpegs = [i for i, image in enumerate(images) if image.is_jpeg]
-    decoded = [None if image.is_jpeg else image.data.to(device, non_blocking=True) for image in images]
+    decoded = [None if image.is_jpeg else to_device(image.data, torch.uint8, device) for image in images]
     problems = []
     mode = torchvision.io.ImageReadMode.RGB
     try:
@@ -203,7 +208,7 @@ def axis_weights(plans, length, device):
         row[p.out0:p.out0 + len(p.picks)] = p.picks
     in0, scale, support, filterscale, first, size, out0, out1, code = \
         numbers.T[..., None, None]                                                   # (M, 1, 1)
-    picks = torch.from_numpy(picks).to(device, non_blocking=True)[..., None]          # (M, 300, 1)
+    picks = to_device(picks, torch.float64, device)[..., None]                          # (M, 300, 1)
     out = torch.arange(IMAGE_SIZE, dtype=torch.float64, device=device)[:, None]        # (300, 1)
     taps = torch.arange(band, dtype=torch.float64, device=device)
     centre = in0 + (out - out0 + 0.5) * scale                                          # (M, 300, 1)
@@ -405,7 +410,7 @@ def distort_batch(pixels, photometrics):
     """datasets.distort on a batch: uint8 (N, 3, H, W) and N Photometric draws -> uint8
     (N, 3, H, W). The lookup tables are datasets.photometric_tables; the HSV round trip
     (Pillow's, not lossless) only for the draws that change saturation or hue, as distort."""
-    tables = photometric_tables(photometrics).to(pixels.device, non_blocking=True)   # (N, 4, 256)
+    tables = to_device(photometric_tables(photometrics), torch.uint8, pixels.device)   # (N, 4, 256)
     pixels = apply_tables(pixels, tables[:, 0])
     hsv_rows = [i for i, p in enumerate(photometrics) if p.changes_hsv]
     if hsv_rows:
