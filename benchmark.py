@@ -20,15 +20,16 @@ Sections:
   coco        create_data_lists.py on a synthetic COCO-train2017-sized annotation file (118,287
               images, 860,001 boxes, a 16-point polygon each), JSON reading included, no image
               decoded (the image files exist, empty)
-  train       training images/s at batch 8: both bases at full width (all layers trained, and
-              conv1_x-conv2_x frozen as train.py has them from ImageNet weights) and at the toy
-              preset's, fp32 and bf16 + channels_last (CPU) or without and with AMP (CUDA)
+  train       training images/s at batch 8 (on CUDA also 32 and 64, to pick the batch
+              size): both bases at full width (all layers trained, and conv1_x-conv2_x frozen
+              as train.py has them from ImageNet weights) and at the toy preset's, fp32 and
+              bf16 + channels_last (CPU) or without and with AMP (CUDA)
   pipeline    end-to-end training images/s (train.py's loop: loading, augmentation, step) on
-              500x375 JPEGs, CPU (PIL) augmentation against --gpu-augment, beside the
-              synthetic step rate at the same settings: VGG16 at batch 32 on CUDA, the toy
-              preset on a CPU; --workers loading processes. Also --gpu-augment's decoding
-              and augmentation alone (render_batch): images/s, host time and tensor
-              operations per batch
+              500x375 JPEGs, CPU (PIL) augmentation against --gpu-augment (on CUDA also with
+              --compile), beside the synthetic step rate at the same settings: VGG16 at batch
+              32 on CUDA, the toy preset on a CPU; --workers loading processes. Also
+              --gpu-augment's decoding and augmentation alone (render_batch): images/s, the
+              host's time per batch, tensor operations per image
   eval        evaluation images/s of eval.predict (data loading, network and decoding), both
               bases at full and toy width, on untrained weights (more boxes reach NMS than
               with a trained model); on CUDA also with the JPEGs decoded there (--gpu-decode)
@@ -371,7 +372,7 @@ def section_train(device, args):
     on_cuda = device.type == "cuda"
     modes = [("fp32, no AMP", None), ("bf16 AMP", torch.bfloat16)] if on_cuda else \
         [("fp32", None), ("bf16 autocast", torch.bfloat16)]
-    for batch in ((8, 32) if on_cuda else (8,)):
+    for batch in ((8, 32, 64) if on_cuda else (8,)):
         for (name, backbone, width), mode_dtype, freeze in itertools.product(
                 BASES + TOY, modes, ("none", "conv2")):
             if width != 1.0 and freeze != "none":
@@ -392,16 +393,16 @@ PIPELINE_RUNS = {"cuda": ["--batch-size", "32", "--no-pretrained", "--freeze", "
                  "cpu": ["--preset", "toy"]}
 
 
-def pipeline_rate(lists, device, settings, augment_flag, iterations, workers):
+def pipeline_rate(lists, device, settings, flags, iterations, workers):
     """Training images/s through train.py's own loop (loading, augmentation, step) as its log
     reports them, over the second `iterations` of a run of twice that (start-up left out)."""
     with tempfile.TemporaryDirectory() as out, contextlib.redirect_stderr(io.StringIO()), \
             contextlib.redirect_stdout(io.StringIO()):
-        code = train.main(settings + [augment_flag, "--data-folder", str(lists), "--out", out,
+        code = train.main(settings + flags + ["--data-folder", str(lists), "--out", out,
                                       "--device", str(device), "--workers", str(workers),
                                       "--iterations", str(2 * iterations), "--print-every", str(iterations),
                                       "--save-every", str(10 ** 9), "--eval-every", "0"])
-        assert code == 0, f"train.py {augment_flag} failed"
+        assert code == 0, f"train.py {' '.join(flags)} failed"
         return train.read_log(out)[1]["images_per_s"][-1]
 
 
@@ -456,8 +457,11 @@ def section_pipeline(device, args):
         lists = shapes_lists(Path(tmp), 512 if on_cuda else 64, 8, size=(500, 375))
         note = (f"{config['backbone']} x{config['width']}, batch {config['batch_size']}, "
                 f"{utils.describe_precision(dtype, fmt)}, {args.workers} workers")
-        for flag, what in (("--no-gpu-augment", "CPU (PIL) augmentation"), ("--gpu-augment", "--gpu-augment")):
-            rate = pipeline_rate(lists, device, settings, flag, iterations, args.workers)
+        runs = [(["--no-gpu-augment"], "CPU (PIL) augmentation"), (["--gpu-augment"], "--gpu-augment")]
+        if on_cuda:                                            # compiled in the first half
+            runs.append((["--gpu-augment", "--compile"], "--gpu-augment --compile"))
+        for flags, what in runs:
+            rate = pipeline_rate(lists, device, settings, flags, iterations, args.workers)
             report("pipeline", f"training, {what}", rate, "images/s", note)
         render_rates(lists, device, config["batch_size"])
     rate = step_rate(device, config["batch_size"], config["backbone"], config["width"], dtype, fmt,
