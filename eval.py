@@ -24,7 +24,8 @@ from gpu_augment import decode_place, render_batch
 from metrics import coco_metrics, mean_average_precision, precision_recall_curves
 from model import load_checkpoint
 from utils import (EVAL_DECODING, HelpFormatter, add_precision_arguments, atomic_write_json, bounded,
-                   choose_precision, describe_precision, pick_device, save_figure, writable_folder)
+                   choose_precision, default_workers, describe_precision, pick_device, save_figure,
+                   writable_folder)
 
 
 @torch.inference_mode()
@@ -150,7 +151,8 @@ def parse_args(argv=None):
                    help="checkpoint written by train.py")
     p.add_argument("--data-folder", help="lists from create_data_lists.py (default: the training run's)")
     p.add_argument("--batch-size", type=bounded(int, 1), default=32, help="images per forward pass")
-    p.add_argument("--workers", type=bounded(int, 0), default=4, help="data loading processes")
+    p.add_argument("--workers", type=bounded(int, 0), default=default_workers(),
+                   help="data loading processes")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cuda, cpu, ...")
     p.add_argument("--gpu-decode", action=argparse.BooleanOptionalAction, default=None,
                    help="decode and resize the JPEGs on the device (nvJPEG; the same pixels as "

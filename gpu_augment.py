@@ -243,7 +243,8 @@ def resample_pass(pixels, weights, dim):
     level off (simulated on noise, 300x300 from 100-600 pixels)."""
     n, height, channels, width = pixels.shape
     if dim == -1:
-        out = (pixels.reshape(n, height * channels, width) @ weights.transpose(1, 2)).view(n, height, channels, -1)
+        out = pixels.reshape(n, height * channels, width) @ weights.transpose(1, 2)
+        out = out.view(n, height, channels, -1)
     else:
         out = (weights @ pixels.reshape(n, height, channels * width)).view(n, -1, channels, width)
     return out.add_(0.5).floor_().clamp_(0, 255)
@@ -341,8 +342,8 @@ def resize_batch(decoded, placements, device):
         if len(members) == n:                            # one order for all: no reassembling
             canvas = resample(decoded, plans, vertical, device)
         elif members:
-            canvas.index_copy_(0, to_device(members, torch.long, device),
-                               resample([decoded[i] for i in members], [plans[i] for i in members], vertical, device))
+            out = resample([decoded[i] for i in members], [plans[i] for i in members], vertical, device)
+            canvas.index_copy_(0, to_device(members, torch.long, device), out)
     spans = to_device([[x.out0, x.out1, y.out0, y.out1] for x, y, _ in plans], torch.long, device)
     position = torch.arange(IMAGE_SIZE, device=device)
     x0, x1, y0, y1 = spans.T[..., None]                                             # (N, 1)

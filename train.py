@@ -35,8 +35,8 @@ from datasets import (CROP_POLICIES, ZOOM_OUT_MAX, DataError, PascalVOCDataset, 
 from gpu_augment import decode_place, render_batch
 from model import FREEZE_CHOICES, MultiBoxLoss, SSD300, load_for_new_classes, read_checkpoint
 from utils import (HelpFormatter, add_precision_arguments, atomic_torch_save, atomic_write, bounded,
-                   choose_precision, describe_precision, pick_device, remove_stale_temporaries,
-                   save_figure)
+                   choose_precision, default_workers, describe_precision, pick_device,
+                   remove_stale_temporaries, save_figure)
 
 # Settings a preset changes; anything given on the command line still wins.
 PRESETS = {
@@ -77,7 +77,7 @@ def build_parser(suppress_defaults=False):
     data.add_argument("--data-folder", default=d("data/voc_lists"), help="lists from create_data_lists.py")
     data.add_argument("--keep-difficult", action=argparse.BooleanOptionalAction, default=d(True),
                       help="train on objects marked difficult (the original Caffe recipe does)")
-    data.add_argument("--workers", type=bounded(int, 0), default=d(4),
+    data.add_argument("--workers", type=bounded(int, 0), default=d(default_workers()),
                       help="data loading processes per GPU")
     data.add_argument("--crop", choices=CROP_POLICIES, default=d("caffe"),
                       help="random crop: caffe (the paper's: every sampler runs, one sample or the "

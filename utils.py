@@ -208,6 +208,16 @@ def bounded(kind, low=None, high=None, above=None, below=None):
     return parse
 
 
+def default_workers(most=4):
+    """The default number of DataLoader processes: `most`, or as many as there are CPUs this
+    process may use if fewer (more only take turns on them, and PyTorch warns)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:                                   # macOS, Windows
+        cpus = os.cpu_count() or 1
+    return min(most, cpus)
+
+
 def pick_device(name="auto"):
     """'auto' -> cuda, then mps, then cpu; anything else is passed to torch.device."""
     if name != "auto":

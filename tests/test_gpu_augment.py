@@ -48,7 +48,8 @@ def test_resize_matches_pillow():
         interpolation = FILTERS[case % len(FILTERS)]
         images.append(chw(pixels))
         placements.append(((left, top, left + size[0], top + size[1]), box, interpolation))
-        expected.append(np.asarray(Image.fromarray(pixels).resize(size, interpolation, box=box, reducing_gap=1.0)))
+        resized = Image.fromarray(pixels).resize(size, interpolation, box=box, reducing_gap=1.0)
+        expected.append(np.asarray(resized))
     images.append(chw(random_pixels(rng, 30, 40, smooth=False)))           # one showing nothing
     placements.append(None)
     canvas, inside = G.resize_batch(images, placements, torch.device("cpu"))
