@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.io
+import PIL
 from PIL import Image
 
 from datasets import (IMAGENET_MEAN, IMAGENET_STD, MEAN_PIXEL, Batch, cannot_read, photometric_tables,
@@ -34,6 +35,7 @@ from utils import IMAGE_SIZE
 # Pillow's filters (Resample.c): support radius at scale 1.
 FILTER_SUPPORT = {Image.BOX: 0.5, Image.BILINEAR: 1.0, Image.BICUBIC: 2.0, Image.LANCZOS: 3.0}
 PRECISION_BITS = 22   # Pillow's fixed-point coefficients for 8-bit images: 32 - 8 - 2 bits
+PILLOW_ORDERS_PASSES = int(PIL.__version__.split(".")[0]) >= 13     # see vertical_first
 
 
 # ----------------------------------------------------------------------------------------------
@@ -288,11 +290,12 @@ def nearest_indices(in0, in1, out_size):
 
 
 def vertical_first(in_size, out_size):
-    """Whether Pillow runs the vertical pass first: when the height shrinks more than twice as
-    much as the width (ImagingResampleInner since Pillow 13, python-pillow/Pillow#9549; the
-    8-bit rounding between the passes makes the order matter)."""
+    """Whether the installed Pillow runs the vertical pass first (the 8-bit rounding between the
+    passes makes the order matter): since Pillow 13 (ImagingResampleInner,
+    python-pillow/Pillow#9549) when the height shrinks more than twice as much as the width;
+    before it, never (tests/test_gpu_augment.py passes with Pillow 10.1, 11.0, 12.3 and 13.0)."""
     (in_width, in_height), (width, height) = in_size, out_size
-    return in_height >= height and in_height - height > 2 * (in_width - width)
+    return PILLOW_ORDERS_PASSES and in_height >= height and in_height - height > 2 * (in_width - width)
 
 
 def gather_windows(decoded, plans, device):
