@@ -312,14 +312,14 @@ def gather_windows(decoded, plans, device):
     return windows
 
 
-def resample(decoded, plans, vertical_first, device):
-    """Images resized as their plans say, all with the passes in the same order: float32
-    (N, 3, 300, 300) 8-bit values, 0 outside each image's output span."""
+def resample(decoded, plans, vertical, device):
+    """Images resized as their plans say, all with the passes in the same order (vertical:
+    rows first): float32 (N, 3, 300, 300) 8-bit values, 0 outside each image's output span."""
     windows = gather_windows(decoded, plans, device)                                # (N, Ky, 3, Kx)
     n, height, _, width = windows.shape
     weights = axis_weights([x for x, _, _ in plans] + [y for _, y, _ in plans], max(height, width), device)
     cols, rows = weights[:n, :, :width], weights[n:, :, :height]
-    if vertical_first:
+    if vertical:
         out = resample_pass(resample_pass(windows, rows, -3), cols, -1)
     else:
         out = resample_pass(resample_pass(windows, cols, -1), rows, -3)
