@@ -62,6 +62,7 @@ import create_data_lists
 import datasets
 import metrics
 import model
+import priors
 import shapes
 import train
 import utils
@@ -128,7 +129,7 @@ def section_model(device, args):
     rate = bf16_matmul_rate(device)
     report("model", "bf16 matmul rate", rate / 1e9, "GFLOP/s", "the compute ceiling")
     for name, backbone, width in BASES:
-        net = model.SSD300(21, backbone, width=width).to(device).eval()
+        net = model.SSD(21, backbone, width=width).to(device).eval()
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             net(torch.randn(1, 3, 300, 300, device=device))
         flops = counter.get_total_flops()
@@ -136,7 +137,7 @@ def section_model(device, args):
                f"{sum(p.numel() for p in net.parameters()):,} parameters (21 classes)")
         floor_ms = flops / rate * 1e3
         report("model", f"{name} bf16 compute floor", floor_ms, "ms/image")
-        net_cl = model.SSD300(21, backbone, width=width).to(device, memory_format=torch.channels_last).eval()
+        net_cl = model.SSD(21, backbone, width=width).to(device, memory_format=torch.channels_last).eval()
         for batch in (1, 8):
             x = torch.randn(batch, 3, 300, 300, device=device)
             with torch.no_grad():
@@ -152,7 +153,7 @@ def section_model(device, args):
 
 def section_loss(device, args):
     g = torch.Generator().manual_seed(0)
-    criterion = model.MultiBoxLoss(model.create_priors().to(device))
+    criterion = model.MultiBoxLoss(priors.create_priors().to(device))
     for batch in (8, 32):
         boxes, labels = random_targets(batch, 21, g)
         boxes = [b.to(device) for b in boxes]
@@ -181,7 +182,7 @@ def torchvision_postprocess(locs, scores, priors, decoding=utils.EVAL_DECODING):
     BoxCoder's weights are our variances' inverses. locs N x P x 4, scores N x P x C,
     priors P x 4 centre-size. Returns torchvision's list of dicts."""
     settings = SimpleNamespace(
-        box_coder=BoxCoder(weights=(1 / utils.CENTRE_VARIANCE,) * 2 + (1 / utils.SIZE_VARIANCE,) * 2),
+        box_coder=BoxCoder(weights=(1 / priors.CENTRE_VARIANCE,) * 2 + (1 / priors.SIZE_VARIANCE,) * 2),
         score_thresh=decoding.min_score, nms_thresh=decoding.max_overlap,
         topk_candidates=decoding.per_class_top_k, detections_per_img=decoding.top_k)
     n = len(locs)
@@ -191,7 +192,7 @@ def torchvision_postprocess(locs, scores, priors, decoding=utils.EVAL_DECODING):
 
 def section_detect(device, args):
     g = torch.Generator().manual_seed(0)
-    priors = model.create_priors().to(device)
+    priors = priors.create_priors().to(device)
     batch = 8
     locs = (0.5 * torch.randn(batch, 8732, 4, generator=g)).to(device)
     for name, scores in (("random scores", torch.randn(batch, 8732, 21, generator=g).to(device)),
@@ -353,7 +354,7 @@ def step_rate(device, batch, backbone, width, dtype, fmt, repeats, n_classes=21,
     boxes, labels = random_targets(batch, n_classes, g)
     boxes = [b.to(device) for b in boxes]
     labels = [lab.to(device) for lab in labels]
-    net = model.SSD300(n_classes, backbone, width=width, base_bn=config.get("base_bn"))
+    net = model.SSD(n_classes, backbone, width=width, base_bn=config.get("base_bn"))
     net = net.to(device, memory_format=fmt).train()
     net.freeze(config.get("freeze") or "none")
     criterion = model.MultiBoxLoss(net.priors_cxcy)
@@ -481,7 +482,7 @@ def section_eval(device, args):
         for decode in ("cpu", "device") if on_cuda else ("cpu",):
             dataset = datasets.PascalVOCDataset(lists, "test", decode=decode)
             for name, backbone, width in BASES + TOY:
-                net = model.SSD300(len(dataset.label_map), backbone, width=width).to(device, memory_format=fmt)
+                net = model.SSD(len(dataset.label_map), backbone, width=width).to(device, memory_format=fmt)
                 for mode, dtype in ((("fp32", None),) + ((("bf16 AMP", torch.bfloat16),) if on_cuda else ())):
                     def run():
                         predict(net, dataset, device, batch_size=32, workers=args.workers, amp_dtype=dtype,
@@ -513,7 +514,7 @@ def section_deploy(device, args):
     x = torch.randn(1, 3, 300, 300)
     dtype, memory_format = utils.choose_precision("auto", device)
     for name, backbone, width in BASES:
-        net = model.SSD300(21, backbone, width=width).eval()
+        net = model.SSD(21, backbone, width=width).eval()
         t = timed(lambda: detect_with_pytorch(net, x, None), device, repeats=5)
         report("deploy", f"{name}, PyTorch fp32, batch 1", t * 1e3, "ms/image", "network and decoding")
 

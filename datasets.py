@@ -1,8 +1,9 @@
-"""Data for SSD300: the dataset over the JSON lists and the paper's augmentation.
+"""Data for SSD: the dataset over the JSON lists and the paper's augmentation.
 
 The JSON lists are written by create_data_lists.py. Boxes there are continuous pixel coordinates
 (x1, y1, x2, y2) in the frame of the image as annotated; the dataset returns them as fractions of
-the image size, with the image resized to 300x300 and normalised with the ImageNet mean/std.
+the image size, with the image resized to the model's input (ModelInput: 300x300 for SSD300) and
+normalised as its weights expect (the ImageNet mean/std unless a checkpoint records otherwise).
 
 Training augmentation follows Liu et al. (ECCV 2016, Sec. 2.2 and the Caffe implementation):
 photometric distortion, zoom out ("expand"), the min-IoU random crop, horizontal flip, resize,
@@ -22,12 +23,37 @@ import torch
 from PIL import ExifTags, Image, ImageOps
 from torchvision.ops import box_iou
 
+from priors import prior_config
 from shapes import SHAPE_CLASSES, make_shapes_dataset  # noqa: F401 (moved to shapes.py, still importable here)
-from utils import IMAGE_SIZE
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # RGB, on 0-1 images
 IMAGENET_STD = (0.229, 0.224, 0.225)
-MEAN_PIXEL = tuple(round(255 * m) for m in IMAGENET_MEAN)  # zoom-out fill, on 0-255 images
+
+
+class ModelInput(NamedTuple):
+    """What a network takes: size x size RGB images, normalised as (x - mean) / std on 0-1
+    values (per channel)."""
+    size: int
+    mean: tuple
+    std: tuple
+
+    @property
+    def fill(self):
+        """The zoom-out canvas's colour on 0-255 images: the mean, which normalises to 0."""
+        return tuple(round(255 * m) for m in self.mean)
+
+
+def model_input(config):
+    """The ModelInput of a run's or checkpoint's config: its priors' input size, and its
+    preprocessing ({"mean": [...], "std": [...]}: ImageNet's, which torchvision's VGG16 and
+    ResNet-34 weights expect, where a config has none)."""
+    preprocessing = config.get("preprocessing") or {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+    return ModelInput(prior_config(config).image_size, tuple(preprocessing["mean"]),
+                      tuple(preprocessing["std"]))
+
+
+# SSD300's input with the ImageNet normalisation: the paper's model from ImageNet weights.
+DEFAULT_INPUT = model_input({})
 
 # Caffe's photometric distortion (ssd_pascal.py, src/caffe/util/im_transforms.cpp), on 0-255.
 BRIGHTNESS_DELTA = 32  # added to every channel
@@ -70,7 +96,7 @@ class BadSample(NamedTuple):
 
 class Batch(NamedTuple):
     """What collate_fn makes of a list of samples."""
-    images: torch.Tensor      # (N, 3, 300, 300), or a list of N PendingImages (decode="device")
+    images: torch.Tensor      # (N, 3, S, S), or a list of N PendingImages (decode="device")
     boxes: list               # N tensors (n_i, 4), fractional x1, y1, x2, y2
     labels: list              # N tensors (n_i,)
     difficulties: list        # N tensors (n_i,) bool
@@ -192,24 +218,25 @@ def read_undecoded(path, annotated_size=None):
     return torch.from_numpy(np.asarray(image).transpose(2, 0, 1).copy()), 1, image.size
 
 
-def resize_image(image, interpolation=Image.BILINEAR):
-    """Resize a PIL image to 300x300 (bilinear, antialiased, unless told otherwise).
+def resize_image(image, size, interpolation=Image.BILINEAR):
+    """Resize a PIL image to size x size (bilinear, antialiased, unless told otherwise).
 
     reducing_gap=1 first shrinks by an integer factor (box filter): 2-3x faster on large
     zoomed-out canvases, at no visible cost.
     """
-    return image.resize((IMAGE_SIZE, IMAGE_SIZE), interpolation, reducing_gap=1.0)
+    return image.resize((size, size), interpolation, reducing_gap=1.0)
 
 
-def to_model_input(image):
-    """PIL RGB image of any size -> normalised float32 tensor (3, 300, 300); an image of
-    300x300 (already resized by the training transform) is not resampled again."""
-    if image.size != (IMAGE_SIZE, IMAGE_SIZE):
-        image = resize_image(image)
+def to_model_input(image, model_input=DEFAULT_INPUT):
+    """PIL RGB image of any size -> normalised float32 tensor (3, S, S), S = model_input.size;
+    an image of S x S (already resized by the training transform) is not resampled again."""
+    size = model_input.size
+    if image.size != (size, size):
+        image = resize_image(image, size)
     # numpy in place: ~5x faster than torch ops, whose intra-op threads only add overhead here
-    mean = np.array(IMAGENET_MEAN, np.float32)[:, None, None] * 255
-    std = np.array(IMAGENET_STD, np.float32)[:, None, None] * 255
-    array = np.asarray(image).transpose(2, 0, 1).astype(np.float32, order="C")  # (3, 300, 300)
+    mean = np.array(model_input.mean, np.float32)[:, None, None] * 255
+    std = np.array(model_input.std, np.float32)[:, None, None] * 255
+    array = np.asarray(image).transpose(2, 0, 1).astype(np.float32, order="C")  # (3, S, S)
     array -= mean
     array /= std
     return torch.from_numpy(array)
@@ -429,18 +456,19 @@ def crop_window(width, height, boxes, policy="caffe"):
 
 
 class Geometry(NamedTuple):
-    """Where the 300x300 pixels of a training sample come from (see sample_geometry)."""
+    """Where the size x size pixels of a training sample come from (see sample_geometry)."""
     canvas: tuple         # (width, height) of the zoom-out canvas (the image's own size if none)
     offset: tuple         # (x, y) of the image's top left corner on the canvas
     crop: tuple           # (left, top, right, bottom) window of the canvas, integer pixels
     flip: bool            # mirrored left to right
     interpolation: int    # the resize filter (one of TRAIN_INTERPOLATIONS)
+    size: int             # the sample's side (the model's input size)
 
 
-def whole_image(size):
-    """The Geometry of eval_transform's sample: the whole image of `size` (width, height)
-    resized to 300x300, bilinear, not flipped."""
-    return Geometry(tuple(size), (0, 0), (0, 0, *size), False, Image.BILINEAR)
+def whole_image(image_size, size):
+    """The Geometry of eval_transform's sample: the whole image of `image_size` (width,
+    height) resized to size x size, bilinear, not flipped."""
+    return Geometry(tuple(image_size), (0, 0), (0, 0, *image_size), False, Image.BILINEAR, size)
 
 
 def sample_zoom_out(width, height, max_ratio=ZOOM_OUT_MAX):
@@ -455,16 +483,16 @@ def sample_zoom_out(width, height, max_ratio=ZOOM_OUT_MAX):
     return (canvas_w, canvas_h), (int((canvas_w - width) * fx), int((canvas_h - height) * fy))
 
 
-def sample_geometry(width, height, boxes, crop="caffe", zoom_out=ZOOM_OUT_MAX):
+def sample_geometry(width, height, boxes, crop="caffe", zoom_out=ZOOM_OUT_MAX, size=DEFAULT_INPUT.size):
     """The geometric half of the paper's augmentation, drawn for a (width x height) image with
     boxes (n, 4) in pixels: zoom out, the random crop (policy `crop`), a horizontal flip with
-    probability 0.5 and the resize filter, in Caffe's order. Only parameters: place_boxes and
-    render apply them."""
+    probability 0.5 and the resize filter, in Caffe's order, for a sample of size x size.
+    Only parameters: place_boxes and render apply them."""
     canvas, offset = sample_zoom_out(width, height, zoom_out)
     window = crop_window(*canvas, boxes + torch.tensor(offset * 2, dtype=boxes.dtype), crop)
     flip = bool(torch.rand(()) < 0.5)
     interpolation = TRAIN_INTERPOLATIONS[torch.randint(len(TRAIN_INTERPOLATIONS), ()).item()]
-    return Geometry(canvas, offset, window, flip, interpolation)
+    return Geometry(canvas, offset, window, flip, interpolation, size)
 
 
 def place_boxes(boxes, labels, difficulties, geometry):
@@ -484,13 +512,13 @@ def place_boxes(boxes, labels, difficulties, geometry):
 
 
 def visible_window(size, geometry):
-    """Where an image of `size` (width, height) shows in its 300x300 sample: (the whole output
+    """Where an image of `size` (width, height) shows in its sample: (the whole output
     pixels (x1, y1, x2, y2), the source box (left, top, right, bottom) in the image's pixels
     they show, for Image.resize), or None when none of it is inside the crop."""
     left, top, right, bottom = geometry.crop
     x, y = geometry.offset
     width, height = size
-    scale_x, scale_y = IMAGE_SIZE / (right - left), IMAGE_SIZE / (bottom - top)
+    scale_x, scale_y = geometry.size / (right - left), geometry.size / (bottom - top)
     out_x1, out_x2 = (round((max(left, x) - left) * scale_x), round((min(right, x + width) - left) * scale_x))
     out_y1, out_y2 = (round((max(top, y) - top) * scale_y), round((min(bottom, y + height) - top) * scale_y))
     if out_x2 <= out_x1 or out_y2 <= out_y1:
@@ -500,19 +528,20 @@ def visible_window(size, geometry):
     return (out_x1, out_y1, out_x2, out_y2), source
 
 
-def render(image, geometry, photometric=None):
-    """The sample's 300x300 pixels, each computed once from the source image: PIL RGB image,
-    Geometry, Photometric (or None) -> PIL RGB 300x300.
+def render(image, geometry, photometric=None, fill=DEFAULT_INPUT.fill):
+    """The sample's pixels, each computed once from the source image: PIL RGB image,
+    Geometry, Photometric (or None) -> PIL RGB image of geometry.size x geometry.size, the
+    zoom-out canvas in the colour `fill` (the mean pixel of the model's input).
 
     Caffe distorts the colours of the whole image, then zooms out, crops, flips and resizes.
     Here only the part of the image inside the crop is resampled, straight to its place in the
     output, and distorted there, without the zoom-out canvas (up to 16 times the image's
-    pixels): the colour steps then touch at most 300x300 pixels whatever the image's size,
+    pixels): the colour steps then touch at most the output's pixels whatever the image's size,
     and the fill keeps the mean colour, as in Caffe. This equals Caffe's order (the reference in
     tests) except at the image's edge on the canvas, which lands on whole output pixels here,
     and where the colour steps' clipping and HSV rounding meet the resize filter's blending.
     """
-    output = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), MEAN_PIXEL)
+    output = Image.new("RGB", (geometry.size, geometry.size), fill)
     window = visible_window(image.size, geometry)
     if window is not None:
         (x1, y1, x2, y2), source = window
@@ -530,8 +559,10 @@ class Augmentation(NamedTuple):
     difficulties: torch.Tensor  # (n',)
 
 
-def draw_augmentation(size, boxes, labels, difficulties, crop="caffe", zoom_out=ZOOM_OUT_MAX):
-    """The paper's augmentation drawn for an image of `size` (width, height), from the global
+def draw_augmentation(size, boxes, labels, difficulties, crop="caffe", zoom_out=ZOOM_OUT_MAX,
+                      out_size=DEFAULT_INPUT.size):
+    """The paper's augmentation drawn for an image of `size` (width, height) and a sample of
+    out_size x out_size, from the global
     torch RNG (the dataset seeds it per sample), in Caffe's order: the photometric distortion,
     then the geometry. Both the CPU path (train_transform) and the device path draw here.
 
@@ -542,23 +573,25 @@ def draw_augmentation(size, boxes, labels, difficulties, crop="caffe", zoom_out=
     valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
     boxes, labels, difficulties = boxes[valid], labels[valid], difficulties[valid]
     photometric = sample_photometric()
-    geometry = sample_geometry(*size, boxes, crop, zoom_out)
+    geometry = sample_geometry(*size, boxes, crop, zoom_out, out_size)
     boxes, labels, difficulties = place_boxes(boxes, labels, difficulties, geometry)
     kept = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
     return Augmentation(photometric, geometry, boxes[kept], labels[kept], difficulties[kept])
 
 
-def train_transform(image, boxes, labels, difficulties, crop="caffe", zoom_out=ZOOM_OUT_MAX):
-    """Paper augmentation (draw_augmentation) on a PIL RGB image. Returns image (3, 300, 300)
-    normalised, boxes (n', 4) fractional in [0, 1], labels (n',), difficulties (n',).
+def train_transform(image, boxes, labels, difficulties, crop="caffe", zoom_out=ZOOM_OUT_MAX,
+                    model_input=DEFAULT_INPUT):
+    """Paper augmentation (draw_augmentation) on a PIL RGB image. Returns image (3, S, S)
+    normalised as model_input says, boxes (n', 4) fractional in [0, 1], labels (n',),
+    difficulties (n',).
 
     The steps are drawn first and applied together (render), where torchvision's v2
     pipeline (RandomPhotometricDistort, RandomZoomOut, a crop, RandomHorizontalFlip, Resize)
     would go over the pixels once per step.
     """
-    drawn = draw_augmentation(image.size, boxes, labels, difficulties, crop, zoom_out)
-    image = render(image, drawn.geometry, drawn.photometric)
-    return to_model_input(image), drawn.boxes, drawn.labels, drawn.difficulties
+    drawn = draw_augmentation(image.size, boxes, labels, difficulties, crop, zoom_out, model_input.size)
+    image = render(image, drawn.geometry, drawn.photometric, model_input.fill)
+    return to_model_input(image, model_input), drawn.boxes, drawn.labels, drawn.difficulties
 
 
 def fractions_of(size, boxes):
@@ -567,9 +600,10 @@ def fractions_of(size, boxes):
     return boxes / torch.tensor([width, height, width, height], dtype=torch.float32)
 
 
-def eval_transform(image, boxes, labels, difficulties):
-    """Resize to 300x300 and normalise; boxes (n, 4) pixels -> fractions of the image size."""
-    return to_model_input(image), fractions_of(image.size, boxes), labels, difficulties
+def eval_transform(image, boxes, labels, difficulties, model_input=DEFAULT_INPUT):
+    """Resize to the model's input and normalise; boxes (n, 4) pixels -> fractions of the
+    image size."""
+    return to_model_input(image, model_input), fractions_of(image.size, boxes), labels, difficulties
 
 
 # ----------------------------------------------------------------------------------------------
@@ -618,9 +652,10 @@ def sample_seed(seed, epoch, index):
 class PascalVOCDataset(torch.utils.data.Dataset):
     """Images and objects from the JSON lists written by create_data_lists.py.
 
-    Items are (image (3, 300, 300) float32 normalised, boxes (n, 4) float32 fractional x1y1x2y2,
-    labels (n,) int64, difficulties (n,) bool). `images`, `objects` (pixel boxes, as in the JSON)
-    and `label_map` are the raw lists, for evaluation.
+    Items are (image (3, S, S) float32 normalised as model_input says (S = model_input.size),
+    boxes (n, 4) float32 fractional x1y1x2y2, labels (n,) int64, difficulties (n,) bool).
+    `images`, `objects` (pixel boxes, as in the JSON) and `label_map` are the raw lists, for
+    evaluation.
 
     crop: the training crop's policy, "caffe" (the paper's) or "one-sampler" (see crop_window);
     zoom_out: the largest zoom-out ratio (the paper's 4; 1 for none).
@@ -634,7 +669,7 @@ class PascalVOCDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, data_folder, split, keep_difficult=True, seed=0, augment=None, crop="caffe",
-                 zoom_out=ZOOM_OUT_MAX, on_error="raise", decode="cpu"):
+                 zoom_out=ZOOM_OUT_MAX, on_error="raise", decode="cpu", model_input=DEFAULT_INPUT):
         split = split.upper()
         if split not in ("TRAIN", "TEST"):
             raise ValueError(f"split must be 'train' or 'test', not {split!r}")
@@ -663,6 +698,7 @@ class PascalVOCDataset(torch.utils.data.Dataset):
         if decode not in DECODE_PLACES:
             raise ValueError(f"decode must be one of {DECODE_PLACES}, not {decode!r}")
         self.decode = decode
+        self.model_input = model_input
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
 
     def set_epoch(self, epoch):
@@ -691,17 +727,19 @@ class PascalVOCDataset(torch.utils.data.Dataset):
             easy = ~difficulties
             boxes, labels, difficulties = boxes[easy], labels[easy], difficulties[easy]
         if self.decode == "cpu" and not self.augment:
-            return eval_transform(image, boxes, labels, difficulties)
+            return eval_transform(image, boxes, labels, difficulties, self.model_input)
         if self.decode == "cpu":
             with self._sample_rng(index):
-                return train_transform(image, boxes, labels, difficulties, self.crop, self.zoom_out)
+                return train_transform(image, boxes, labels, difficulties, self.crop, self.zoom_out,
+                                       self.model_input)
         data, orientation, size = image
         if self.augment:
             with self._sample_rng(index):
-                drawn = draw_augmentation(size, boxes, labels, difficulties, self.crop, self.zoom_out)
+                drawn = draw_augmentation(size, boxes, labels, difficulties, self.crop, self.zoom_out,
+                                          self.model_input.size)
         else:   # eval_transform's sample: the whole image resized, no colour change
-            drawn = Augmentation(NO_PHOTOMETRIC, whole_image(size), fractions_of(size, boxes), labels,
-                                 difficulties)
+            drawn = Augmentation(NO_PHOTOMETRIC, whole_image(size, self.model_input.size),
+                                 fractions_of(size, boxes), labels, difficulties)
         pending = PendingImage(self.images[index], data, orientation, drawn.photometric, drawn.geometry)
         return pending, drawn.boxes, drawn.labels, drawn.difficulties
 
@@ -714,13 +752,13 @@ class PascalVOCDataset(torch.utils.data.Dataset):
 
 
 def collate_fn(batch):
-    """Samples -> a Batch: images stacked to (N, 3, 300, 300) (PendingImages: listed, for
+    """Samples -> a Batch: images stacked to (N, 3, S, S) (PendingImages: listed, for
     gpu_augment.render_batch); boxes, labels and difficulties lists of N tensors; BadSamples
     left out, their messages in `problems`."""
     problems = [sample.message for sample in batch if isinstance(sample, BadSample)]
     good = [sample for sample in batch if not isinstance(sample, BadSample)]
     if not good:
-        return Batch(torch.zeros(0, 3, IMAGE_SIZE, IMAGE_SIZE), [], [], [], problems)
+        return Batch(torch.zeros(0, 3, 0, 0), [], [], [], problems)     # no image: no size either
     images, boxes, labels, difficulties = zip(*good)
     # default_collate stacks straight into shared memory inside DataLoader workers, saving a copy
     images = list(images) if isinstance(images[0], PendingImage) else torch.utils.data.default_collate(images)

@@ -1,7 +1,7 @@
-"""Draw a trained SSD300's detections on images and videos.
+"""Draw a trained SSD's detections on images and videos.
 
     python detect.py CHECKPOINT INPUTS... [--out detections/] [--min-score 0.2]
-                     [--max-overlap 0.5] [--top-k 200] [--device auto] [--batch-size 8]
+                     [--max-overlap 0.45] [--top-k 200] [--device auto] [--batch-size 8]
                      [--amp auto] [--channels-last]
     python detect.py --onnx model.onnx INPUTS... [options]    # onnxruntime, no PyTorch model
     python detect.py CHECKPOINT --camera 0 [--max-frames 300]  # a camera, until Ctrl-C
@@ -55,7 +55,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from datasets import IMAGE_SIZE, DataError, load_image, to_model_input, to_rgb
+from datasets import DEFAULT_INPUT, DataError, ModelInput, load_image, model_input, to_model_input, to_rgb
 from utils import (DRAW_DECODING, HelpFormatter, add_precision_arguments, atomic_path, atomic_write,
                    bounded, choose_precision, describe_precision, pick_device, writable_folder)
 
@@ -133,9 +133,10 @@ def is_video(path):
 # Detection
 # ----------------------------------------------------------------------------------------
 
-def model_input(images):
-    """PIL images -> their normalised N x 3 x 300 x 300 float32 batch."""
-    return torch.stack([to_model_input(to_rgb(image)) for image in images])
+def input_batch(images, spec):
+    """PIL images -> their float32 batch N x 3 x S x S for a network whose input is `spec` (a
+    datasets.ModelInput: S and the normalisation)."""
+    return torch.stack([to_model_input(to_rgb(image), spec) for image in images])
 
 
 def in_pixels(images, boxes, labels, scores):
@@ -152,7 +153,8 @@ def in_pixels(images, boxes, labels, scores):
 @torch.inference_mode()
 def detect_batch(net, images, min_score=DRAW_DECODING.min_score,
                  max_overlap=DRAW_DECODING.max_overlap, top_k=DRAW_DECODING.top_k, amp="auto"):
-    """Detect objects in several PIL images with one forward pass of `net` (an SSD300 in eval mode).
+    """Detect objects in several PIL images with one forward pass of `net` (an SSD in eval mode),
+    each resized and normalised as the net's config says (datasets.model_input).
 
     Runs on the device of net's parameters, in the autocast precision that `amp` ("auto",
     "off", "bf16", "fp16") gives there (utils.choose_precision), with channels_last input if
@@ -166,11 +168,11 @@ def detect_batch(net, images, min_score=DRAW_DECODING.min_score,
     weight = next(net.parameters())
     device = weight.device
     dtype, _ = choose_precision(amp, device)
-    x = model_input(images).to(device)
+    x = input_batch(images, model_input(net.config)).to(device)
     if weight.dim() == 4 and weight.is_contiguous(memory_format=torch.channels_last):
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-        locs, class_scores = net(x)                        # N x 8732 x 4, N x 8732 x C
+        locs, class_scores = net(x)                        # N x P x 4, N x P x C
     return in_pixels(images, *net.detect_objects(locs, class_scores, min_score, max_overlap, top_k))
 
 
@@ -185,7 +187,7 @@ def detect(net, image, min_score=DRAW_DECODING.min_score, max_overlap=DRAW_DECOD
 
 
 class OnnxDetector:
-    """An SSD300 written by export.py (decoding inside), run by onnxruntime on the CPU.
+    """An SSD written by export.py (decoding inside), run by onnxruntime on the CPU.
 
     Raises FileNotFoundError or ValueError, naming the file, for a missing file, a file that
     is not an ONNX model, one without its decoding (--no-postprocess) or with another input size.
@@ -204,15 +206,21 @@ class OnnxDetector:
         try:
             self.label_map = json.loads(metadata["label_map"])
             self.decoding = json.loads(metadata["decoding"])
-        except (KeyError, ValueError):
+            # Exports from before the input was recorded are all SSD300 with ImageNet's.
+            spec = json.loads(metadata.get("model_input", "null"))
+            self.model_input = DEFAULT_INPUT if spec is None else ModelInput(
+                spec["size"], tuple(spec["mean"]), tuple(spec["std"]))
+        except (KeyError, TypeError, ValueError):
             raise ValueError(f"{path} was not written by export.py (its metadata lack the label "
-                             "map and decoding settings)") from None
+                             "map, decoding settings and input)") from None
         if self.decoding is None:
             raise ValueError(f"{path} holds only the network's raw heads (export.py "
                              "--no-postprocess); detect.py needs a model exported with its decoding")
         shape = self.session.get_inputs()[0].shape
-        if list(shape[1:]) != [3, IMAGE_SIZE, IMAGE_SIZE]:
-            raise ValueError(f"{path} takes images of shape {shape}, not N x 3 x {IMAGE_SIZE} x {IMAGE_SIZE}")
+        size = self.model_input.size
+        if list(shape[1:]) != [3, size, size]:
+            raise ValueError(f"{path} takes images of shape {shape}, not N x 3 x {size} x {size} "
+                             "as its metadata say")
         self.path = path
 
     def check_settings(self, min_score, max_overlap):
@@ -231,7 +239,7 @@ class OnnxDetector:
         suppress lower-scoring ones: the same detections as decoding at min_score itself."""
         if not images:
             return []
-        outputs = self.session.run(None, {"images": model_input(images).numpy()})
+        outputs = self.session.run(None, {"images": input_batch(images, self.model_input).numpy()})
         boxes, labels, scores = (torch.from_numpy(output) for output in outputs)   # N x K (x 4)
         keep = [(s > min_score).nonzero().squeeze(1)[:top_k] for s in scores]     # best first
         kept = ([t[k] for t, k in zip(tensors, keep)] for tensors in (boxes, labels, scores))
@@ -352,7 +360,9 @@ def load_detector(args):
     if args.onnx:
         detector = OnnxDetector(args.onnx)
         detector.check_settings(args.min_score, args.max_overlap)
-        print(f"onnxruntime: {args.onnx}, NMS at IoU {detector.decoding['max_overlap']}", file=sys.stderr)
+        baked = detector.decoding
+        print(f"onnxruntime: {args.onnx}, its decoding: scores above {baked['min_score']}, NMS at "
+              f"IoU {baked['max_overlap']}, top {baked['top_k']} per image", file=sys.stderr)
         run = functools.partial(detector.detect_batch, min_score=args.min_score, top_k=args.top_k)
         return run, class_names(detector.label_map)
     net, checkpoint = load_checkpoint(args.checkpoint, pick_device(args.device))

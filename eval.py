@@ -3,7 +3,7 @@
     python eval.py checkpoints/ssd300_voc/checkpoint.pt
     python eval.py checkpoints/toy/checkpoint.pt --data-folder data/shapes_lists
 
-Decodes with the paper's evaluation settings (model.EVAL_DECODING: min score 0.01, NMS IoU
+Decodes with the paper's evaluation settings (utils.EVAL_DECODING: min score 0.01, NMS IoU
 0.45, top 200 per image), reports VOC07 11-point mAP (the paper's metric for VOC2007 test) and
 VOC2010+ area mAP, and the COCO API's metrics (faster-coco-eval): AP@[.50:.95], AP50, AP75,
 AP for small, medium and large objects, AR@1/10/100, all per class and overall, on boxes in
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from datasets import DataError, PascalVOCDataset, check_same_classes, collate_fn
+from datasets import DataError, PascalVOCDataset, check_same_classes, collate_fn, model_input
 from gpu_augment import decode_place, render_batch
 from metrics import coco_metrics, mean_average_precision, precision_recall_curves
 from model import load_checkpoint
@@ -36,7 +36,8 @@ def predict(net, dataset, device, batch_size=32, workers=2, amp_dtype=None,
 
     Boxes stay fractional: IoU does not change when both axes are rescaled, so the VOC
     matching is the same as in pixels. An unreadable image raises a DataError naming it.
-    A dataset made with decode="device" has its images decoded and resized on `device`.
+    A dataset made with decode="device" has its images decoded and resized on `device`. The
+    dataset's model_input must be the net's (its size and normalisation).
     """
     if len(dataset) == 0:
         raise DataError("the test list is empty: there is nothing to evaluate")
@@ -47,7 +48,7 @@ def predict(net, dataset, device, batch_size=32, workers=2, amp_dtype=None,
     truth = {"boxes": [], "labels": [], "difficulties": []}
     for batch in tqdm(loader, desc="evaluate", disable=not progress, leave=False, dynamic_ncols=True):
         if not isinstance(batch.images, torch.Tensor):            # a decode="device" dataset
-            batch = render_batch(batch, device, memory_format)
+            batch = render_batch(batch, device, memory_format, dataset.model_input)
         images, boxes, labels, difficulties, problems = batch
         if problems:
             raise DataError(problems[0])
@@ -183,8 +184,12 @@ def main(argv=None):
         net, checkpoint = load_checkpoint(args.checkpoint, device)
         config = checkpoint["config"]
         data_folder = args.data_folder or config.get("data_folder")
+        if data_folder is None:
+            raise DataError(f"{args.checkpoint} records no data folder (it was converted, not "
+                            "trained here): give the test lists with --data-folder")
         dataset = PascalVOCDataset(data_folder, "test", keep_difficult=True, on_error="mark",
-                                   decode=decode_place(args.gpu_decode, device))
+                                   decode=decode_place(args.gpu_decode, device),
+                                   model_input=model_input(config))
         check_same_classes(config["label_map"], dataset.label_map, args.checkpoint, data_folder)
         out = writable_folder(args.out or Path(args.checkpoint).parent)
         return evaluate_and_report(net, checkpoint, dataset, data_folder, out, args, device)

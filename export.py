@@ -1,13 +1,14 @@
-"""Export a trained SSD300 to ONNX, with its decoding and NMS inside the graph.
+"""Export a trained SSD to ONNX, with its decoding and NMS inside the graph.
 
     python export.py checkpoints/toy/checkpoint.pt --out toy.onnx
     python export.py CHECKPOINT --out model.onnx [--min-score 0.01] [--max-overlap 0.45]
                      [--top-k 200] [--per-class-top-k 400] [--check-images INPUT ...]
     python export.py CHECKPOINT --out heads.onnx --no-postprocess
 
-The model's input is "images": a float32 batch N x 3 x 300 x 300, normalised as
-datasets.to_model_input does (RGB, ImageNet mean and standard deviation); N is free, the
-300 x 300 fixed (onnxruntime rejects other sizes). Its outputs, for every image, are the
+The model's input is "images": a float32 batch N x 3 x S x S (S = 300 for SSD300, 512 for
+SSD512), normalised as datasets.to_model_input does for the checkpoint (RGB; the ImageNet mean
+and standard deviation unless its weights expect another, as imported ones may); N is free,
+S fixed (onnxruntime rejects other sizes). Its outputs, for every image, are the
 --top-k best detections, highest score first, padded with zeros:
 
     boxes   N x K x 4  float32  fractional corners x1, y1, x2, y2 in [0, 1] (times the
@@ -15,18 +16,19 @@ datasets.to_model_input does (RGB, ImageNet mean and standard deviation); N is f
     labels  N x K      int64    class index, 1..C-1; 0 marks padding
     scores  N x K      float32  class probability; 0 marks padding
 
-Inside: the offsets decoded against the 8732 priors, softmax, per class the top
+Inside: the offsets decoded against the priors (8732 for SSD300), softmax, per class the top
 --per-class-top-k scores above --min-score, NMS at IoU --max-overlap (ONNX's
 NonMaxSuppression), then the top --top-k of the image over all classes: the rules of
 model.detect_objects, with the paper's evaluation settings (utils.EVAL_DECODING) by default.
 detect.py --onnx keeps only scores above its own --min-score, so a model exported with a low
 --min-score serves any higher one; the NMS threshold is fixed at export.
 
-With --no-postprocess the outputs are the raw heads instead: "locs" N x 8732 x 4 offsets and
-"scores" N x 8732 x C logits, for runtimes that do their own decoding.
+With --no-postprocess the outputs are the raw heads instead: "locs" N x P x 4 offsets and
+"scores" N x P x C logits (P priors), for runtimes that do their own decoding.
 
-The metadata (metadata_props) hold "label_map" (JSON, class name -> index) and "decoding"
-(JSON: the four settings above, or null for --no-postprocess).
+The metadata (metadata_props) hold "label_map" (JSON, class name -> index), "decoding" (JSON:
+the four settings above, or null for --no-postprocess) and "model_input" (JSON: "size", and the
+"mean" and "std" of the normalisation on 0-1 RGB values), which detect.py --onnx reads.
 
 Before it reports success, the file is checked with onnx.checker and run by onnxruntime on a
 few images (--check-images, or three generated shapes images) next to the PyTorch model:
@@ -46,11 +48,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from datasets import DataError, load_image, to_model_input
+from datasets import DataError, load_image, model_input, to_model_input
 from shapes import make_shapes_dataset
 from detect import find_images, import_optional
 from model import decode_predictions, detect_objects, load_checkpoint
-from utils import EVAL_DECODING, IMAGE_SIZE, HelpFormatter, atomic_write, bounded
+from utils import EVAL_DECODING, HelpFormatter, atomic_write, bounded
 
 # The paper's evaluation settings (min_score, max_overlap, top_k, per_class_top_k).
 DECODING = EVAL_DECODING._asdict()
@@ -87,10 +89,10 @@ class NonMaxSuppression(torch.autograd.Function):
 
 
 class DetectorWithDecoding(nn.Module):
-    """An SSD300 and its decoding as one traceable module: the graph export.py writes.
+    """An SSD and its decoding as one traceable module: the graph export.py writes.
 
-    images N x 3 x 300 x 300 -> (boxes N x K x 4 fractional corners, labels N x K int64,
-    scores N x K), K = min(top_k, (C-1) x 8732), best first, padded with zeros (label 0).
+    images N x 3 x S x S -> (boxes N x K x 4 fractional corners, labels N x K int64,
+    scores N x K), K = min(top_k, (C-1) x P), P priors, best first, padded with zeros (label 0).
     """
 
     def __init__(self, net, min_score, max_overlap, top_k, per_class_top_k):
@@ -124,9 +126,9 @@ class DetectorWithDecoding(nn.Module):
 # ----------------------------------------------------------------------------------------
 
 def export(net, label_map, decoding=None):
-    """The ONNX model (an onnx.ModelProto) of `net` (an SSD300 in eval mode, on the CPU):
+    """The ONNX model (an onnx.ModelProto) of `net` (an SSD in eval mode, on the CPU):
     with its decoding by the settings in `decoding` (a dict as DECODING), or its raw heads if
-    decoding is None. The label map and the settings go into its metadata.
+    decoding is None. The label map, the settings and the input go into its metadata.
     """
     onnx = import_optional("onnx", "export.py")
     if decoding is None:
@@ -136,7 +138,8 @@ def export(net, label_map, decoding=None):
     # Eval mode for the wrapper too: a module in training mode is traced with batch norm in
     # training mode (batch statistics, and running statistics updated by the example batch).
     module.eval()
-    example = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    spec = model_input(net.config)
+    example = torch.randn(2, 3, spec.size, spec.size)
     buffer = io.BytesIO()
     # dynamo=False, the TorchScript exporter: its autograd.Function symbolic emits ONNX's
     # NonMaxSuppression (whose output size depends on the data) directly, where the default
@@ -144,7 +147,7 @@ def export(net, label_map, decoding=None):
     # translation for it.
     with torch.no_grad(), warnings.catch_warnings():
         # Known and harmless here: the exporter's deprecation (see above), the tracer's notes
-        # that sizes become constants (they are: 300 x 300, the class and prior counts), and
+        # that sizes become constants (they are: the input size, the class and prior counts), and
         # advanced indexing's caveat about negative indices (NMS gives none).
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
@@ -153,24 +156,25 @@ def export(net, label_map, decoding=None):
                           input_names=["images"], output_names=outputs,
                           dynamic_axes={name: {0: "batch"} for name in ["images", *outputs]})
     proto = onnx.load_from_string(buffer.getvalue())
-    for key, value in (("label_map", label_map), ("decoding", decoding)):
+    for key, value in (("label_map", label_map), ("decoding", decoding), ("model_input", spec._asdict())):
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, json.dumps(value)
     onnx.checker.check_model(proto, full_check=True)
     return proto
 
 
-def check_images(inputs, count=3):
-    """Normalised N x 3 x 300 x 300 inputs for the parity check: the images named by `inputs`
-    (files, folders, patterns, as detect.py takes them), or `count` generated shapes images."""
+def check_images(inputs, spec, count=3):
+    """Inputs N x 3 x S x S for the parity check, made as `spec` (a datasets.ModelInput) says:
+    the images named by `inputs` (files, folders, patterns, as detect.py takes them), or
+    `count` generated shapes images."""
     if inputs:
         paths, problems = find_images(inputs)
         if problems or not paths:
             raise DataError("; ".join(problems) or "--check-images: no images")
-        return torch.stack([to_model_input(load_image(path, displayed=True)) for path in paths])
+        return torch.stack([to_model_input(load_image(path, displayed=True), spec) for path in paths])
     with tempfile.TemporaryDirectory() as tmp:
         make_shapes_dataset(Path(tmp) / "shapes", n_trainval=0, n_test=count, seed=1)
-        return check_images([str(Path(tmp) / "shapes" / "JPEGImages")])
+        return check_images([str(Path(tmp) / "shapes" / "JPEGImages")], spec)
 
 
 def unpadded(boxes, labels, scores):
@@ -208,7 +212,7 @@ def label_counts(labels):
 
 
 def check_parity(net, session, images, decoding):
-    """Run `images` (N x 3 x 300 x 300) through the PyTorch `net` and the onnxruntime
+    """Run `images` (N x 3 x S x S) through the PyTorch `net` and the onnxruntime
     `session`. Returns (the largest differences, {name: float}, and the number of
     detections compared, 0 for raw heads); raises ValueError where they disagree."""
     with torch.no_grad():
@@ -271,7 +275,7 @@ def main(argv=None):
     try:
         ort = import_optional("onnxruntime", "export.py")
         net, checkpoint = load_checkpoint(args.checkpoint)
-        images = check_images(args.check_images)
+        images = check_images(args.check_images, model_input(net.config))
         proto = export(net, checkpoint["config"]["label_map"], decoding)
         with atomic_write(args.out, "wb") as f:
             f.write(proto.SerializeToString())

@@ -4,7 +4,7 @@ A dataset made with decode="device" does no pixel work in its workers: each samp
 PendingImage (the file's bytes and the drawn Photometric and Geometry). `render_batch` decodes
 a batch's JPEGs on the device (nvJPEG on CUDA, whose IDCT and chroma upsampling may differ
 from Pillow's libjpeg-turbo by a level; libjpeg-turbo on the CPU: Pillow's pixels), applies the
-EXIF orientation the CPU path applies, and makes each 300x300 sample as `datasets.render` does:
+EXIF orientation the CPU path applies, and makes each sample as `datasets.render` does:
 the visible part of the image resampled straight to its place on a mean-filled canvas, the
 colour distortion on those pixels, then the flip; normalised last.
 
@@ -28,9 +28,7 @@ import torchvision.io
 import PIL
 from PIL import Image
 
-from datasets import (IMAGENET_MEAN, IMAGENET_STD, MEAN_PIXEL, Batch, cannot_read, photometric_tables,
-                      visible_window)
-from utils import IMAGE_SIZE
+from datasets import DEFAULT_INPUT, Batch, cannot_read, photometric_tables, visible_window
 
 # Pillow's filters (Resample.c): support radius at scale 1.
 FILTER_SUPPORT = {Image.BOX: 0.5, Image.BILINEAR: 1.0, Image.BICUBIC: 2.0, Image.LANCZOS: 3.0}
@@ -192,8 +190,8 @@ def plan_resize(image_size, out_box, box, interpolation):
     return x, y, vertical_first((x.size, y.size), (width, height))
 
 
-def axis_weights(plans, length, device):
-    """The resampling weights of AxisPlans, float32 (M, 300, length): output pixel by window
+def axis_weights(plans, length, out_size, device):
+    """The resampling weights of AxisPlans, float32 (M, out_size, length): output pixel by window
     pixel, zero outside each plan's output span and window.
 
     Pillow's coefficients (precompute_coeffs, normalize_coeffs_8bpc) in float64: each output
@@ -205,20 +203,20 @@ def axis_weights(plans, length, device):
     band = int(2 * max(support)) + 2                          # high - low <= 2 support + 1
     numbers = to_device([[p.in0, p.scale, s, max(p.scale, 1.0), p.first, p.size, p.out0, p.out1,
                           p.interpolation] for p, s in zip(plans, support)], torch.float64, device)
-    picks = np.full((len(plans), IMAGE_SIZE), -1.0)
+    picks = np.full((len(plans), out_size), -1.0)
     for row, p in zip(picks, plans):
         row[p.out0:p.out0 + len(p.picks)] = p.picks
     in0, scale, support, filterscale, first, size, out0, out1, code = \
         numbers.T[..., None, None]                                                   # (M, 1, 1)
-    picks = to_device(picks, torch.float64, device)[..., None]                          # (M, 300, 1)
-    out = torch.arange(IMAGE_SIZE, dtype=torch.float64, device=device)[:, None]        # (300, 1)
+    picks = to_device(picks, torch.float64, device)[..., None]                         # (M, S, 1)
+    out = torch.arange(out_size, dtype=torch.float64, device=device)[:, None]         # (S, 1)
     taps = torch.arange(band, dtype=torch.float64, device=device)
-    centre = in0 + (out - out0 + 0.5) * scale                                          # (M, 300, 1)
+    centre = in0 + (out - out0 + 0.5) * scale                                         # (M, S, 1)
     low = (centre - support + 0.5).trunc().clamp(min=0)
     high = torch.minimum((centre + support + 0.5).trunc(), size)
     nearest = code == Image.NEAREST
     low = torch.where(nearest, picks, low)
-    source = low + taps                                                                # (M, 300, B)
+    source = low + taps                                                               # (M, S, B)
     x = (source - centre + 0.5) * (1.0 / filterscale)
     weights = torch.zeros_like(x)
     for interpolation in sorted({p.interpolation for p in plans} - {Image.NEAREST}):
@@ -232,7 +230,7 @@ def axis_weights(plans, length, device):
     weights = torch.where((out >= out0) & (out < out1), weights, 0.0).float()
     # Taps past the window carry 0: any column will do, and adding 0 changes nothing.
     columns = (source - first).long().clamp_(0, max(length - 1, 0))
-    dense = torch.zeros(len(plans), IMAGE_SIZE, max(length, 1), device=device)
+    dense = torch.zeros(len(plans), out_size, max(length, 1), device=device)
     return dense.scatter_add_(2, columns, weights)[..., :length]
 
 
@@ -312,12 +310,13 @@ def gather_windows(decoded, plans, device):
     return windows
 
 
-def resample(decoded, plans, vertical, device):
+def resample(decoded, plans, vertical, size, device):
     """Images resized as their plans say, all with the passes in the same order (vertical:
-    rows first): float32 (N, 3, 300, 300) 8-bit values, 0 outside each image's output span."""
+    rows first): float32 (N, 3, size, size) 8-bit values, 0 outside each image's output span."""
     windows = gather_windows(decoded, plans, device)                                # (N, Ky, 3, Kx)
     n, height, _, width = windows.shape
-    weights = axis_weights([x for x, _, _ in plans] + [y for _, y, _ in plans], max(height, width), device)
+    weights = axis_weights([x for x, _, _ in plans] + [y for _, y, _ in plans], max(height, width), size,
+                           device)
     cols, rows = weights[:n, :, :width], weights[n:, :, :height]
     if vertical:
         out = resample_pass(resample_pass(windows, rows, -3), cols, -1)
@@ -326,29 +325,30 @@ def resample(decoded, plans, vertical, device):
     return out.permute(0, 2, 1, 3)
 
 
-def resize_batch(decoded, placements, device):
-    """Images resized as Pillow would and placed on a 300x300 output: uint8 (3, H, W) images and,
+def resize_batch(decoded, placements, device, size=DEFAULT_INPUT.size):
+    """Images resized as Pillow would and placed on a size x size output: uint8 (3, H, W) images and,
     for each, (out_box (x1, y1, x2, y2) in the output, box (left, top, right, bottom) of its
     pixels, interpolation), each image as image.resize(out_box's size, interpolation, box=box,
-    reducing_gap=1.0) pasted at out_box; None: nothing shown. Returns uint8 (N, 3, 300, 300),
-    0 outside the boxes, and where the boxes are, bool (N, 1, 300, 300)."""
+    reducing_gap=1.0) pasted at out_box; None: nothing shown. Returns uint8 (N, 3, size, size),
+    0 outside the boxes, and where the boxes are, bool (N, 1, size, size)."""
     n = len(decoded)
     if n == 0:
-        return (torch.zeros(0, 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8, device=device),
-                torch.zeros(0, 1, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.bool, device=device))
+        return (torch.zeros(0, 3, size, size, dtype=torch.uint8, device=device),
+                torch.zeros(0, 1, size, size, dtype=torch.bool, device=device))
     plans = [(NO_AXIS, NO_AXIS, False) if placement is None else
              plan_resize((pixels.shape[-1], pixels.shape[-2]), *placement)
              for pixels, placement in zip(decoded, placements)]
-    canvas = torch.empty(n, 3, IMAGE_SIZE, IMAGE_SIZE, device=device)
+    canvas = torch.empty(n, 3, size, size, device=device)
     for vertical in (False, True):                       # Pillow's order of passes, per image
         members = [i for i, (_, _, v) in enumerate(plans) if v == vertical]
         if len(members) == n:                            # one order for all: no reassembling
-            canvas = resample(decoded, plans, vertical, device)
+            canvas = resample(decoded, plans, vertical, size, device)
         elif members:
-            out = resample([decoded[i] for i in members], [plans[i] for i in members], vertical, device)
+            out = resample([decoded[i] for i in members], [plans[i] for i in members], vertical, size,
+                           device)
             canvas.index_copy_(0, to_device(members, torch.long, device), out)
     spans = to_device([[x.out0, x.out1, y.out0, y.out1] for x, y, _ in plans], torch.long, device)
-    position = torch.arange(IMAGE_SIZE, device=device)
+    position = torch.arange(size, device=device)
     x0, x1, y0, y1 = spans.T[..., None]                                             # (N, 1)
     inside = ((position >= y0) & (position < y1))[:, :, None] & ((position >= x0) & (position < x1))[:, None]
     return canvas.to(torch.uint8), inside[:, None]
@@ -426,46 +426,49 @@ def distort_batch(pixels, photometrics):
     return apply_tables(pixels, tables[:, 3])
 
 
-def paste_resized(decoded, geometries, device):
-    """Each image's visible part resampled to its place on a mean-filled canvas, as
-    datasets.render: uint8 (N, 3, 300, 300), and where the image is (N, 1, 300, 300) bool."""
+def paste_resized(decoded, geometries, device, fill=DEFAULT_INPUT.fill):
+    """Each image's visible part resampled to its place on a canvas of colour `fill`, as
+    datasets.render: uint8 (N, 3, S, S), and where the image is (N, 1, S, S) bool; S is the
+    geometries' size (one for the batch)."""
     placements = []
     for pixels, geometry in zip(decoded, geometries):
         window = visible_window((pixels.shape[-1], pixels.shape[-2]), geometry)
         placements.append(None if window is None else (*window, geometry.interpolation))
-    canvas, inside = resize_batch(decoded, placements, device)
-    mean = to_device(MEAN_PIXEL, torch.uint8, device).view(1, 3, 1, 1)
-    return torch.where(inside, canvas, mean), inside
+    canvas, inside = resize_batch(decoded, placements, device, geometries[0].size if geometries else 0)
+    fill = to_device(fill, torch.uint8, device).view(1, 3, 1, 1)
+    return torch.where(inside, canvas, fill), inside
 
 
-def normalise(pixels, memory_format=torch.contiguous_format):
-    """uint8 (N, 3, H, W) -> float32 (N, 3, H, W) with the ImageNet mean and std, the same
+def normalise(pixels, model_input, memory_format=torch.contiguous_format):
+    """uint8 (N, 3, H, W) -> float32 (N, 3, H, W) with model_input's mean and std, the same
     float32 arithmetic as datasets.to_model_input."""
-    mean = to_device(IMAGENET_MEAN, torch.float32, pixels.device).view(1, 3, 1, 1) * 255
-    std = to_device(IMAGENET_STD, torch.float32, pixels.device).view(1, 3, 1, 1) * 255
+    mean = to_device(model_input.mean, torch.float32, pixels.device).view(1, 3, 1, 1) * 255
+    std = to_device(model_input.std, torch.float32, pixels.device).view(1, 3, 1, 1) * 255
     return ((pixels.float() - mean) / std).contiguous(memory_format=memory_format)
 
 
-def render_batch(batch, device, memory_format=torch.contiguous_format):
+def render_batch(batch, device, memory_format=torch.contiguous_format, model_input=DEFAULT_INPUT):
     """A Batch of PendingImages (collate_fn of a decode="device" dataset) -> the Batch of their
-    samples (training or evaluation), as the CPU path makes them: images float32 (N', 3, 300,
-    300) normalised, on `device` in `memory_format`; the images that cannot be decoded left
-    out with their targets, their messages (as the CPU path's) added to `problems`."""
+    samples (training or evaluation), as the CPU path makes them: images float32 (N', 3, S, S)
+    normalised as model_input says (the dataset's), on `device` in `memory_format`; the images
+    that cannot be decoded left out with their targets, their messages (as the CPU path's)
+    added to `problems`."""
     decoded, problems = decode(batch.images, device)
     kept = [i for i, pixels in enumerate(decoded) if pixels is not None]
-    images = make_samples([decoded[i] for i in kept], [batch.images[i] for i in kept], device, memory_format)
+    images = make_samples([decoded[i] for i in kept], [batch.images[i] for i in kept], device, memory_format,
+                          model_input)
     return Batch(images, *([column[i] for i in kept] for column in batch[1:4]), batch.problems + problems)
 
 
-def make_samples(decoded, pending, device, memory_format=torch.contiguous_format):
+def make_samples(decoded, pending, device, memory_format=torch.contiguous_format, model_input=DEFAULT_INPUT):
     """Decoded images (uint8 (3, H, W) each, on `device`) and their PendingImages -> their
-    samples, float32 (N, 3, 300, 300) normalised, as datasets.render and to_model_input make
+    samples, float32 (N, 3, S, S) normalised, as datasets.render and to_model_input make
     them. Nothing here waits for the device: on a GPU the next batch is made while the last
     step still runs."""
-    canvas, inside = paste_resized(decoded, [p.geometry for p in pending], device)
+    canvas, inside = paste_resized(decoded, [p.geometry for p in pending], device, model_input.fill)
     photometrics = [p.photometric for p in pending]
     if not all(p.neutral for p in photometrics):                    # evaluation's are
         canvas = torch.where(inside, distort_batch(canvas, photometrics), canvas)
     flip = to_device([p.geometry.flip for p in pending], torch.bool, device)
     canvas = torch.where(flip.view(-1, 1, 1, 1), canvas.flip(-1), canvas)
-    return normalise(canvas, memory_format)
+    return normalise(canvas, model_input, memory_format)

@@ -1,7 +1,7 @@
-"""SSD300 (Liu et al., "SSD: Single Shot MultiBox Detector", ECCV 2016): the network, its
-8732 priors, the MultiBox loss and the decoding of predictions into detections.
+"""SSD300 and SSD512 (Liu et al., "SSD: Single Shot MultiBox Detector", ECCV 2016): the network,
+the MultiBox loss and the decoding of predictions into detections (the priors: priors.py).
 
-    model = SSD300(n_classes=21)                 # 20 VOC classes + background (class 0)
+    model = SSD(n_classes=21)                    # 20 VOC classes + background (class 0); SSD300
     locs, scores = model(images)                 # N x 8732 x 4, N x 8732 x 21
     loss, loc_loss, conf_loss = MultiBoxLoss(model.priors_cxcy)(locs, scores, boxes, labels)
     boxes, labels, scores = model.detect_objects(locs, scores)   # EVAL_DECODING's settings
@@ -17,58 +17,28 @@ import torchvision
 from torchvision.models.resnet import BasicBlock
 from torchvision.ops import FrozenBatchNorm2d, box_iou
 
-from utils import EVAL_DECODING, IMAGE_SIZE, cxcy_to_xy, decode, encode, nms, xy_to_cxcy
+from priors import PRIOR_CONFIGS, as_plain_dict, create_priors, decode, encode, n_boxes_per_location, \
+    prior_config
+from utils import EVAL_DECODING, cxcy_to_xy, nms, xy_to_cxcy
 
-# The six prediction maps: (name, side of the square feature map, extra aspect ratios).
-# Each location has a square prior of the map's min size, a square of sqrt(min * max),
-# and for each ratio r in the list a prior of r and one of 1/r (w = s*sqrt(r), h = s/sqrt(r)).
-FEATURE_MAPS = [
-    ("conv4_3", 38, [2.0]),
-    ("conv7", 19, [2.0, 3.0]),
-    ("conv8_2", 10, [2.0, 3.0]),
-    ("conv9_2", 5, [2.0, 3.0]),
-    ("conv10_2", 3, [2.0]),
-    ("conv11_2", 1, [2.0]),
-]
-# Prior sizes in pixels of a 300-pixel image, from the original Caffe model that reached
-# 77.2 mAP (the paper's formula s_k = 0.2 + 0.7 (k-1)/(m-1) with a special 0.1 for conv4_3,
-# rounded to whole pixels the way the released ssd_pascal.py does).
-MIN_SIZES = [30, 60, 111, 162, 213, 264]
-MAX_SIZES = [60, 111, 162, 213, 264, 315]
+# The auxiliary convolutions of each model after conv7: per stage (name, 1x1 channels, 3x3 (or
+# 4x4) channels, kernel, stride, padding). Each stage's second convolution gives a prediction
+# map: SSD300 10x10, 5x5, 3x3, 1x1 from conv7's 19x19; SSD512 (Caffe's ssd_pascal_512.py, whose
+# conv6_x ... conv10_x these are) 16x16, 8x8, 4x4, 2x2 and, through conv12_2's 4x4 kernel, 1x1
+# from 32x32. The model's input size and priors come from PRIOR_CONFIGS[name].
+AUX_STAGES = {
+    "ssd300": (("8", 256, 512, 3, 2, 1), ("9", 128, 256, 3, 2, 1),
+               ("10", 128, 256, 3, 1, 0), ("11", 128, 256, 3, 1, 0)),
+    "ssd512": (("8", 256, 512, 3, 2, 1), ("9", 128, 256, 3, 2, 1), ("10", 128, 256, 3, 2, 1),
+               ("11", 128, 256, 3, 2, 1), ("12", 128, 256, 4, 1, 1)),
+}
+MODELS = tuple(AUX_STAGES)
 
-# What SSD300.freeze can keep fixed: nothing, or the base up to and including conv1_x / conv2_x.
+# What SSD.freeze can keep fixed: nothing, or the base up to and including conv1_x / conv2_x.
 FREEZE_CHOICES = ("none", "conv1", "conv2")
 
 # VGG16 convolutions, block by block (torchvision's `features` holds them in this order).
 VGG16_BLOCKS = [[64, 64], [128, 128], [256, 256, 256], [512, 512, 512], [512, 512, 512]]
-
-
-def n_boxes_per_location(ratios):
-    return 2 + 2 * len(ratios)
-
-
-def create_priors(feature_maps=FEATURE_MAPS, min_sizes=MIN_SIZES, max_sizes=MAX_SIZES,
-                  image_size=IMAGE_SIZE):
-    """The default boxes ("priors") in fractional centre-size form: (8732, 4).
-
-    Order: map by map; within a map row by row, column by column (the order of the head's
-    permute(0, 2, 3, 1) flatten); within a location the boxes in the order listed above.
-    Not clipped to the image: the original author found unclipped priors slightly better.
-    """
-    priors = []
-    for (_, f, ratios), s_min, s_max in zip(feature_maps, min_sizes, max_sizes):
-        s = s_min / image_size
-        s_prime = math.sqrt(s_min * s_max) / image_size
-        shapes = [(s, s), (s_prime, s_prime)]
-        for r in ratios:
-            shapes += [(s * math.sqrt(r), s / math.sqrt(r)), (s / math.sqrt(r), s * math.sqrt(r))]
-        shapes = torch.tensor(shapes)                                 # B x 2
-        centres = (torch.arange(f, dtype=torch.float32) + 0.5) / f
-        cy, cx = torch.meshgrid(centres, centres, indexing="ij")      # f x f each
-        cxcy = torch.stack([cx, cy], dim=-1).reshape(-1, 1, 2).expand(-1, len(shapes), 2)
-        wh = shapes.reshape(1, -1, 2).expand(f * f, -1, 2)
-        priors.append(torch.cat([cxcy, wh], dim=-1).reshape(-1, 4))
-    return torch.cat(priors)
 
 
 # ----------------------------------------------------------------------------------------
@@ -108,7 +78,7 @@ class VGGBase(nn.Module):
     the training step. ImageNet VGG16 weights are for the base without it.
     """
 
-    # Parameter names of the first stages, for SSD300.freeze.
+    # Parameter names of the first stages, for SSD.freeze.
     FIRST_STAGES = {"conv1": ("to_conv4_3.conv1_",), "conv2": ("to_conv4_3.conv2_", "to_conv4_3.bn2_")}
 
     def __init__(self, width=1.0, batch_norm=False):
@@ -227,7 +197,7 @@ class ResNet34Base(nn.Module):
 
     # (name, channels, blocks, stride); layer4 and the classifier are not used.
     STAGES = [("layer1", 64, 3, 1), ("layer2", 128, 4, 2), ("layer3", 256, 6, 1)]
-    # Parameter names of the first stages, for SSD300.freeze; in the ResNet paper's names,
+    # Parameter names of the first stages, for SSD.freeze; in the ResNet paper's names,
     # conv2_x is torchvision's layer1.
     FIRST_STAGES = {"conv1": ("to_conv4.conv1.", "to_conv4.bn1."), "conv2": ("to_conv4.layer1.",)}
 
@@ -292,19 +262,17 @@ def resnet34_to_ssd_base(resnet, base_state):
 # ----------------------------------------------------------------------------------------
 
 class AuxiliaryConvolutions(nn.Module):
-    """conv8_1 .. conv11_2: a 1x1 then a 3x3 per stage, giving 10x10, 5x5, 3x3, 1x1 maps."""
+    """conv8_1 ... conv11_2 (SSD512: ... conv12_2), a 1x1 then a 3x3 (4x4) per stage: the
+    smaller prediction maps (AUX_STAGES)."""
 
-    def __init__(self, in_channels, width=1.0):
+    def __init__(self, in_channels, width=1.0, stages=AUX_STAGES["ssd300"]):
         super().__init__()
-        # (name, mid channels, out channels, stride, padding) of each stage's 3x3 conv
-        stages = [("8", 256, 512, 2, 1), ("9", 128, 256, 2, 1),
-                  ("10", 128, 256, 1, 0), ("11", 128, 256, 1, 0)]
         layers, c = OrderedDict(), in_channels
         self.out_channels = []
-        for name, mid, out, stride, pad in stages:
+        for name, mid, out, kernel, stride, pad in stages:
             mid, out = scaled(mid, width), scaled(out, width)
             layers[f"conv{name}_1"] = nn.Conv2d(c, mid, 1)
-            layers[f"conv{name}_2"] = nn.Conv2d(mid, out, 3, stride=stride, padding=pad)
+            layers[f"conv{name}_2"] = nn.Conv2d(mid, out, kernel, stride=stride, padding=pad)
             self.out_channels.append(out)
             c = out
         self.convs = nn.ModuleDict(layers)
@@ -316,7 +284,7 @@ class AuxiliaryConvolutions(nn.Module):
             x = F.relu(conv(x))
             if name.endswith("_2"):
                 features.append(x)
-        return features       # conv8_2 (10x10), conv9_2 (5x5), conv10_2 (3x3), conv11_2 (1x1)
+        return features       # SSD300: conv8_2 (10x10), conv9_2 (5x5), conv10_2 (3x3), conv11_2 (1x1)
 
 
 def init_convs(module, kaiming=False):
@@ -344,10 +312,10 @@ def flatten_predictions(x, per_box):
 class PredictionConvolutions(nn.Module):
     """A 3x3 convolution per map for the offsets (4 per prior) and one for the class scores."""
 
-    def __init__(self, in_channels, n_classes, feature_maps=FEATURE_MAPS):
+    def __init__(self, in_channels, n_classes, aspect_ratios):
         super().__init__()
         self.n_classes = n_classes
-        boxes = [n_boxes_per_location(ratios) for _, _, ratios in feature_maps]
+        boxes = [n_boxes_per_location(ratios) for ratios in aspect_ratios]
         self.loc = nn.ModuleList(nn.Conv2d(c, b * 4, 3, padding=1)
                                  for c, b in zip(in_channels, boxes))
         self.cl = nn.ModuleList(nn.Conv2d(c, b * n_classes, 3, padding=1)
@@ -361,12 +329,16 @@ class PredictionConvolutions(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------
-# SSD300
+# SSD
 # ----------------------------------------------------------------------------------------
 
-class SSD300(nn.Module):
-    """SSD300 with a VGG16 (the paper's) or ResNet-34 base.
+class SSD(nn.Module):
+    """SSD300 or SSD512 (`model`) with a VGG16 (the paper's) or ResNet-34 base.
 
+    priors: the PriorConfig of the default boxes (default: PRIOR_CONFIGS[model]); it fixes
+    the input size. Other configurations serve imported weights (convert_weights.py), as does
+    preprocessing: the normalisation the weights expect, {"mean": [r, g, b], "std": [r, g, b]}
+    on 0-1 RGB values; None for ImageNet's (datasets.model_input reads it from `config`).
     n_classes counts the background as class 0. width scales every channel count (1.0 is the
     paper's; the CPU presets use less). pretrained: False, True (torchvision's ImageNet
     weights) or the path of a saved torchvision VGG16 / ResNet-34 state dict.
@@ -379,8 +351,15 @@ class SSD300(nn.Module):
     norm after its convolutions from conv2_1 on, for training from scratch (the toy preset).
     """
 
-    def __init__(self, n_classes, backbone="vgg16", pretrained=False, width=1.0, base_bn=None):
+    def __init__(self, n_classes, backbone="vgg16", pretrained=False, width=1.0, base_bn=None,
+                 model="ssd300", priors=None, preprocessing=None):
         super().__init__()
+        if model not in AUX_STAGES:
+            raise ValueError(f"unknown model {model!r}: use one of {', '.join(MODELS)}")
+        priors = PRIOR_CONFIGS[model] if priors is None else priors
+        if len(priors.maps) != 2 + len(AUX_STAGES[model]):
+            raise ValueError(f"{model} predicts from {2 + len(AUX_STAGES[model])} maps; the "
+                             f"prior configuration has {len(priors.maps)}")
         if pretrained and width != 1.0:
             raise ValueError("pretrained ImageNet weights need width=1.0")
         if backbone == "vgg16":
@@ -404,11 +383,13 @@ class SSD300(nn.Module):
             raise ValueError(f"unknown backbone {backbone!r}: use 'vgg16' or 'resnet34'")
         if pretrained:
             self.base.load_pretrained(pretrained)
-        self.config = dict(n_classes=n_classes, backbone=backbone, width=width, base_bn=base_bn)
-        self.aux_convs = AuxiliaryConvolutions(self.base.out_channels[1], width)
+        self.config = dict(n_classes=n_classes, backbone=backbone, width=width, base_bn=base_bn,
+                           model=model, priors=as_plain_dict(priors), preprocessing=preprocessing)
+        self.image_size = priors.image_size
+        self.aux_convs = AuxiliaryConvolutions(self.base.out_channels[1], width, AUX_STAGES[model])
         self.pred_convs = PredictionConvolutions(
-            list(self.base.out_channels) + self.aux_convs.out_channels, n_classes)
-        self.register_buffer("priors_cxcy", create_priors(), persistent=False)
+            list(self.base.out_channels) + self.aux_convs.out_channels, n_classes, priors.aspect_ratios)
+        self.register_buffer("priors_cxcy", create_priors(priors), persistent=False)
 
     def freeze(self, upto):
         """Stop training the base's first stages: "conv1" (conv1_x), "conv2" (conv1_x and
@@ -433,8 +414,9 @@ class SSD300(nn.Module):
         return self.config["n_classes"]
 
     def forward(self, images):
-        """images: N x 3 x 300 x 300, normalised -> (N x 8732 x 4 offsets, N x 8732 x n_classes)."""
-        f38, f19 = self.base(images)
+        """images: N x 3 x S x S (S = image_size), normalised -> (N x P x 4 offsets,
+        N x P x n_classes class logits), P priors (SSD300: 8732)."""
+        f38, f19 = self.base(images)                 # conv4_3 and conv7 (SSD300: 38x38, 19x19)
         features = [self.l2_norm(f38), f19] + self.aux_convs(f19)
         return self.pred_convs(features)
 
@@ -736,7 +718,7 @@ def read_checkpoint(path, required=("model", "config")):
         raise ValueError(f"{path} is not a checkpoint written by train.py: not a PyTorch file "
                          f"of tensors and plain values ({_load_failure(e)})") from None
     if not isinstance(checkpoint, dict) or not set(required) <= set(checkpoint):
-        raise ValueError(f"{path} is not an SSD300 checkpoint written by train.py "
+        raise ValueError(f"{path} is not an SSD checkpoint written by train.py "
                          f"(it lacks some of {', '.join(required)})")
     if "config" in required:
         missing = [key for key in CHECKPOINT_CONFIG if key not in checkpoint["config"]]
@@ -761,8 +743,9 @@ def _load_failure(error):
 
 
 def load_for_new_classes(net, model_state, label_map, source_label_map):
-    """Load a trained SSD300's weights (model_state, for the classes of source_label_map) into
-    `net`, an SSD300 of the same architecture for the classes of label_map (class -> index).
+    """Load a trained SSD's weights (model_state, for the classes of source_label_map) into
+    `net`, an SSD of the same architecture and priors for the classes of label_map (class ->
+    index; indices may leave gaps, as COCO's 91 do, below net.n_classes).
 
     Every layer but the class-score convolutions is loaded as it is (base, L2Norm, auxiliary
     convolutions, localisation heads, batch-norm statistics). A class-score convolution's
@@ -779,10 +762,10 @@ def load_for_new_classes(net, model_state, label_map, source_label_map):
     for key, value in model_state.items():
         if key.startswith("pred_convs.cl.") and key in state:
             target = state[key]
-            by_class = target.view(-1, len(label_map), *target.shape[1:])          # (B, C, ...)
-            source = value.view(-1, len(source_label_map), *value.shape[1:])       # (B, C', ...)
-            if by_class.shape[0] != source.shape[0] or by_class.shape[2:] != source.shape[2:]:
+            by_class = target.view(-1, net.n_classes, *target.shape[1:])           # (B, C, ...)
+            if value.shape[0] % by_class.shape[0] or value.shape[1:] != target.shape[1:]:
                 raise ValueError(f"{key}: {tuple(value.shape)} does not fit {tuple(target.shape)}")
+            source = value.view(by_class.shape[0], -1, *value.shape[1:])          # (B, C', ...)
             by_class[:, rows] = source[:, source_rows]
         else:
             state[key] = value
@@ -794,18 +777,20 @@ def load_for_new_classes(net, model_state, label_map, source_label_map):
 
 
 def load_checkpoint(path, device="cpu"):
-    """Rebuild the trained SSD300 from a checkpoint written by train.py.
+    """Rebuild the trained SSD from a checkpoint written by train.py or convert_weights.py.
 
     Returns (model in eval mode on `device`, the checkpoint dict).
     """
     checkpoint = read_checkpoint(path)
     config = checkpoint["config"]
     try:
-        net = SSD300(config["n_classes"], config["backbone"], width=config["width"],
-                     base_bn=config.get("base_bn"))      # absent from checkpoints before it existed
+        # base_bn, model and priors are absent from checkpoints written before they existed.
+        net = SSD(config["n_classes"], config["backbone"], width=config["width"],
+                  base_bn=config.get("base_bn"), model=config.get("model", "ssd300"),
+                  priors=prior_config(config), preprocessing=config.get("preprocessing"))
         net.load_state_dict(checkpoint["model"])
     except (KeyError, RuntimeError, ValueError) as e:
-        described = {k: config.get(k) for k in ("n_classes", "backbone", "width", "base_bn")}
-        raise ValueError(f"{path} does not match the SSD300 it describes (config {described}): "
+        described = {k: config.get(k) for k in ("n_classes", "backbone", "width", "base_bn", "model")}
+        raise ValueError(f"{path} does not match the SSD it describes (config {described}): "
                          f"{e}") from e
     return net.to(device).eval(), checkpoint

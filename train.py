@@ -33,7 +33,7 @@ from tqdm import tqdm
 from datasets import (CROP_POLICIES, ZOOM_OUT_MAX, DataError, PascalVOCDataset, check_same_classes,
                       collate_fn)
 from gpu_augment import decode_place, render_batch
-from model import FREEZE_CHOICES, MultiBoxLoss, SSD300, load_for_new_classes, read_checkpoint
+from model import FREEZE_CHOICES, SSD, MultiBoxLoss, load_for_new_classes, read_checkpoint
 from utils import (HelpFormatter, add_precision_arguments, atomic_torch_save, atomic_write, bounded,
                    choose_precision, default_workers, describe_precision, pick_device,
                    remove_stale_temporaries, save_figure)
@@ -491,7 +491,7 @@ class Trainer:
         if config.get("base_bn") == "frozen" and not config["pretrained"] and not config.get("init_from"):
             raise ValueError("--base-bn frozen needs pretrained weights: batch norm frozen at "
                              "its initial statistics would normalise nothing (use --base-bn train)")
-        self.net = SSD300(config["n_classes"], config["backbone"], width=config["width"],
+        self.net = SSD(config["n_classes"], config["backbone"], width=config["width"],
                           pretrained=config["pretrained"] if resume_state is None else False,
                           base_bn=config.get("base_bn"))   # absent from older checkpoints
         config["base_bn"] = self.net.config["base_bn"]        # the choice made, for --resume

@@ -1,5 +1,5 @@
-"""Box maths, the settings every script shares (input size, decoding), and small helpers:
-argument checks, the precision choice, atomic writes.
+"""Box maths, the decoding settings every script shares, and small helpers: argument checks,
+the precision choice, atomic writes. (The priors and the box coding against them: priors.py.)
 
 Boxes come in two forms:
   * corners  (x1, y1, x2, y2), "xy"   -- what datasets, NMS and IoU use;
@@ -23,14 +23,6 @@ import torch
 import torchvision
 from torchvision.ops import box_convert
 
-# Variances of the SSD offset encoding (Caffe's prior "variance" 0.1, 0.1, 0.2, 0.2): the
-# centre offsets are divided by 0.1 and the log size ratios by 0.2, which scales the
-# regression targets to roughly unit variance.
-CENTRE_VARIANCE = 0.1
-SIZE_VARIANCE = 0.2
-
-IMAGE_SIZE = 300   # SSD300's input side, in pixels
-
 
 class Decoding(NamedTuple):
     """How predictions become detections (see detect_objects)."""
@@ -41,10 +33,12 @@ class Decoding(NamedTuple):
 
 
 # The paper's evaluation settings (Caffe's ssd_pascal.py test: confidence_threshold 0.01,
-# nms_threshold 0.45, top_k 400, keep_top_k 200): the ones VOC mAP is reported with.
+# nms_threshold 0.45, top_k 400, keep_top_k 200): the ones VOC mAP is reported with, and what
+# export.py bakes into an ONNX model by default.
 EVAL_DECODING = Decoding(0.01, 0.45, 200)
-# detect.py's pictures: fewer, surer boxes.
-DRAW_DECODING = Decoding(0.2, 0.5, 200)
+# detect.py's pictures: fewer, surer boxes; the same NMS, so that a checkpoint and its ONNX
+# export draw the same boxes by default.
+DRAW_DECODING = EVAL_DECODING._replace(min_score=0.2)
 
 
 def xy_to_cxcy(xy):
@@ -55,24 +49,6 @@ def xy_to_cxcy(xy):
 def cxcy_to_xy(cxcy):
     """(..., 4) centre-size -> (..., 4) corners."""
     return box_convert(cxcy, in_fmt="cxcywh", out_fmt="xyxy")
-
-
-def encode(cxcy, priors_cxcy):
-    """Offsets of boxes from their priors (the regression targets of the paper's eq. 2).
-
-    cxcy, priors_cxcy: (..., 4) centre-size boxes, broadcastable.
-    g_cx = (cx - p_cx) / (p_w * 0.1),  g_w = log(w / p_w) / 0.2, and likewise for y, h.
-    """
-    g_cxcy = (cxcy[..., :2] - priors_cxcy[..., :2]) / (priors_cxcy[..., 2:] * CENTRE_VARIANCE)
-    g_wh = torch.log(cxcy[..., 2:] / priors_cxcy[..., 2:]) / SIZE_VARIANCE
-    return torch.cat([g_cxcy, g_wh], dim=-1)
-
-
-def decode(g_cxcy, priors_cxcy):
-    """Inverse of `encode`: predicted offsets (..., 4) -> centre-size boxes (..., 4)."""
-    cxcy = g_cxcy[..., :2] * CENTRE_VARIANCE * priors_cxcy[..., 2:] + priors_cxcy[..., :2]
-    wh = torch.exp(g_cxcy[..., 2:] * SIZE_VARIANCE) * priors_cxcy[..., 2:]
-    return torch.cat([cxcy, wh], dim=-1)
 
 
 def pairwise_iou(a, b):

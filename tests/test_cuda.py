@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import model
+import priors
 import utils
 from test_model import random_boxes, random_targets
 
@@ -12,7 +13,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 def test_loss_on_cuda_equals_cpu():
     g = torch.Generator().manual_seed(0)
-    priors = model.create_priors()
+    priors = priors.create_priors()
     boxes, labels = random_targets(8, 6, g)
     locs = torch.randn(8, 8732, 4, generator=g)
     scores = 3 * torch.randn(8, 8732, 6, generator=g)
@@ -25,7 +26,7 @@ def test_loss_on_cuda_equals_cpu():
 
 def test_detect_objects_on_cuda_equals_cpu():
     g = torch.Generator().manual_seed(1)
-    priors = model.create_priors()
+    priors = priors.create_priors()
     locs = 0.5 * torch.randn(4, 8732, 4, generator=g)
     scores = torch.randn(4, 8732, 5, generator=g)
     cpu = model.detect_objects(locs, scores, priors, 0.01, 0.45, 200)
@@ -49,7 +50,7 @@ def test_greedy_nms_on_cuda_equals_torchvision():
 
 def test_bf16_autocast_forward_is_close_to_fp32():
     torch.manual_seed(0)
-    net = model.SSD300(21).cuda().eval().to(memory_format=torch.channels_last)
+    net = model.SSD(21).cuda().eval().to(memory_format=torch.channels_last)
     x = torch.randn(4, 3, 300, 300, device="cuda").to(memory_format=torch.channels_last)
     with torch.no_grad():
         locs32, scores32 = net(x)

@@ -399,7 +399,7 @@ def test_crop_keeps_objects_whose_centre_is_inside(monkeypatch):
         torch.manual_seed(seed)
         windows.add(D.crop_window(100, 100, boxes))
     assert windows == {(0, 0, 100, 100), (20, 20, 70, 70)}
-    geometry = D.Geometry((100, 100), (0, 0), (20, 20, 70, 70), False, Image.NEAREST)
+    geometry = D.Geometry((100, 100), (0, 0), (20, 20, 70, 70), False, Image.NEAREST, 300)
     out_boxes, labels, difficulties = D.place_boxes(boxes, torch.tensor([1, 2, 3]),
                                                     torch.tensor([False, True, False]), geometry)
     assert torch.equal(out_boxes * 50, torch.tensor([[0.0, 0, 20, 20]]))
@@ -419,7 +419,7 @@ def step_by_step(image, geometry, photometric=None):
     crop, resize, flip."""
     if photometric is not None:
         image = D.distort(image, photometric)
-    canvas = Image.new("RGB", geometry.canvas, D.MEAN_PIXEL)
+    canvas = Image.new("RGB", geometry.canvas, D.DEFAULT_INPUT.fill)
     canvas.paste(image, geometry.offset)
     out = canvas.crop(geometry.crop).resize((300, 300), geometry.interpolation)
     return out.transpose(Image.FLIP_LEFT_RIGHT) if geometry.flip else out
@@ -524,7 +524,7 @@ def test_geometry_draws_every_interpolation_and_flips_half_the_time():
     geometries = [D.sample_geometry(650, 470, boxes) for _ in range(400)]
     assert {g.interpolation for g in geometries} == set(D.TRAIN_INTERPOLATIONS)
     assert abs(np.mean([g.flip for g in geometries]) - 0.5) < 0.1
-    whole = D.Geometry((650, 470), (0, 0), (0, 0, 650, 470), False, Image.NEAREST)
+    whole = D.Geometry((650, 470), (0, 0), (0, 0, 650, 470), False, Image.NEAREST, 300)
     outputs = {D.render(image, whole._replace(interpolation=f)).tobytes() for f in D.TRAIN_INTERPOLATIONS}
     assert len(outputs) == len(D.TRAIN_INTERPOLATIONS)
 

@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 import detect
-from model import SSD300, create_priors, load_checkpoint
+from model import SSD, load_checkpoint
+from priors import create_priors
 from utils import cxcy_to_xy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,7 +35,7 @@ def checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
     config = {"n_classes": 4, "backbone": "vgg16", "width": 0.0625, "label_map": LABEL_MAP}
-    torch.save({"model": SSD300(4, width=0.0625).state_dict(), "config": config}, path)
+    torch.save({"model": SSD(4, width=0.0625).state_dict(), "config": config}, path)
     return path
 
 

@@ -63,4 +63,4 @@ def test_missing_checkpoint_data_or_foreign_file(checkpoint, tmp_path, capsys):
     foreign = tmp_path / "resnet.pt"
     torch.save({"fc.weight": torch.zeros(2, 2)}, foreign)
     assert evaluation.main([str(foreign)]) == 2
-    assert "not an SSD300 checkpoint" in capsys.readouterr().err
+    assert "not an SSD checkpoint" in capsys.readouterr().err

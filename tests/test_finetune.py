@@ -30,7 +30,7 @@ def subset_lists(shapes_root, tmp_path_factory):
 def test_shared_classes_are_copied_row_by_row_and_the_rest_kept(source):
     state = torch.load(source, map_location="cpu", weights_only=True)
     label_map = {"background": 0, "square": 1, "star": 2, "circle": 3}
-    net = model.SSD300(4, width=0.0625, base_bn="train")
+    net = model.SSD(4, width=0.0625, base_bn="train")
     fresh = {k: v.clone() for k, v in net.state_dict().items()}
     shared = model.load_for_new_classes(net, state["model"], label_map, state["config"]["label_map"])
     assert shared == ["background", "square", "circle"]

@@ -10,8 +10,10 @@ from torchvision.ops import box_iou
 
 import model
 import utils
-from model import MultiBoxLoss, SSD300, create_priors
-from utils import cxcy_to_xy, decode, encode, xy_to_cxcy
+from model import SSD, MultiBoxLoss
+from priors import PRIOR_CONFIGS, create_priors, n_boxes_per_location
+from priors import decode, encode
+from utils import cxcy_to_xy, xy_to_cxcy
 
 
 def random_boxes(n, generator, min_size=0.02, max_size=0.6):
@@ -33,7 +35,7 @@ def random_targets(n_images, n_classes, generator, max_objects=6, empty_every=3)
 # ---------------------------------------------------------------------------- network
 
 def test_full_model_shapes_and_size():
-    net = SSD300(n_classes=21).eval()
+    net = SSD(n_classes=21).eval()
     with torch.no_grad():
         locs, scores = net(torch.randn(2, 3, 300, 300))
     assert locs.shape == (2, 8732, 4)
@@ -54,7 +56,7 @@ def test_vgg_base_feature_map_sizes():
 
 @pytest.mark.parametrize("width", [1.0, 0.125])
 def test_resnet34_base_shapes(width):
-    net = SSD300(n_classes=4, backbone="resnet34", width=width).eval()
+    net = SSD(n_classes=4, backbone="resnet34", width=width).eval()
     x = torch.randn(1, 3, 300, 300)
     with torch.no_grad():
         locs, scores = net(x)
@@ -62,7 +64,7 @@ def test_resnet34_base_shapes(width):
         maps = [f38, f19] + net.aux_convs(f19)
     assert locs.shape == (1, 8732, 4) and scores.shape == (1, 8732, 4)
     assert net.priors_cxcy.shape == (8732, 4)
-    assert [f.shape[-1] for f in maps] == [f for _, f, _ in model.FEATURE_MAPS]
+    assert [f.shape[-1] for f in maps] == list(PRIOR_CONFIGS["ssd300"].maps)
     assert [f.size(1) for f in maps] == [conv.in_channels for conv in net.pred_convs.loc]
     assert net.base.to_conv4.layer3[0].conv1.stride == (1, 1)       # torchvision's is 2
     assert net.base.to_conv4.layer2[0].conv1.stride == (2, 2)
@@ -88,7 +90,7 @@ def test_resnet34_pretrained_from_local_file_loads_into_the_right_modules(tmp_pa
     resnet = random_resnet34_state_dict()
     path = tmp_path / "resnet34.pth"
     torch.save(resnet, path)
-    net = SSD300(n_classes=3, backbone="resnet34", pretrained=str(path)).eval()
+    net = SSD(n_classes=3, backbone="resnet34", pretrained=str(path)).eval()
     assert net.config["base_bn"] == "frozen"        # the default with ImageNet weights
     base = net.base.to_conv4
     assert torch.equal(base.conv1.weight, resnet["conv1.weight"])
@@ -112,19 +114,19 @@ def test_resnet34_pretrained_needs_width_one_and_says_what_to_do(tmp_path):
     path = tmp_path / "resnet34.pth"
     torch.save(random_resnet34_state_dict(), path)
     with pytest.raises(ValueError, match="width=1.0"):
-        SSD300(n_classes=3, backbone="resnet34", pretrained=str(path), width=0.5)
+        SSD(n_classes=3, backbone="resnet34", pretrained=str(path), width=0.5)
     with pytest.raises(OSError, match="resnet34-.*--no-pretrained"):
-        SSD300(n_classes=3, backbone="resnet34", pretrained=str(tmp_path / "missing.pth"))
+        SSD(n_classes=3, backbone="resnet34", pretrained=str(tmp_path / "missing.pth"))
     torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, path)
     with pytest.raises(ValueError, match="resnet34.pth .*no bn1.weight"):
-        SSD300(n_classes=3, backbone="resnet34", pretrained=str(path))
+        SSD(n_classes=3, backbone="resnet34", pretrained=str(path))
 
 
 def test_frozen_batch_norm_stays_fixed_and_trained_batch_norm_learns():
     torch.manual_seed(0)
     x = torch.randn(2, 3, 300, 300)
     for base_bn in ("frozen", "train"):
-        net = SSD300(n_classes=3, backbone="resnet34", width=0.125, base_bn=base_bn).train()
+        net = SSD(n_classes=3, backbone="resnet34", width=0.125, base_bn=base_bn).train()
         bn = net.base.to_conv4.layer1[0].bn1
         before = bn.running_mean.clone()
         optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
@@ -135,9 +137,9 @@ def test_frozen_batch_norm_stays_fixed_and_trained_batch_norm_learns():
         assert torch.equal(bn.running_mean, before) == frozen
         assert any(p is bn.weight for p in net.parameters()) != frozen
     with pytest.raises(ValueError, match="VGG16 takes None"):
-        SSD300(n_classes=3, base_bn="frozen")
+        SSD(n_classes=3, base_bn="frozen")
     with pytest.raises(ValueError, match="without batch norm"):
-        SSD300(n_classes=3, base_bn="train", pretrained="vgg16.pth")
+        SSD(n_classes=3, base_bn="train", pretrained="vgg16.pth")
 
 
 def test_vgg_batch_norm_from_conv2_1_on():
@@ -150,8 +152,8 @@ def test_vgg_batch_norm_from_conv2_1_on():
     assert not any(isinstance(m, nn.BatchNorm2d) for m in plain.modules())
     x = torch.randn(2, 3, 300, 300)
     assert [f.shape for f in bn(x)] == [f.shape for f in plain(x)]
-    net = SSD300(n_classes=3, width=0.125, base_bn="train")
-    assert net.config["base_bn"] == "train" and SSD300(n_classes=3).config["base_bn"] is None
+    net = SSD(n_classes=3, width=0.125, base_bn="train")
+    assert net.config["base_bn"] == "train" and SSD(n_classes=3).config["base_bn"] is None
 
 
 @pytest.mark.parametrize("backbone, base_bn, first_stage, second_stage", [
@@ -162,7 +164,7 @@ def test_freeze_stops_training_the_first_stages_only(backbone, base_bn, first_st
     """freeze("conv2"): no gradient reaches conv1_x and conv2_x (ResNet: conv1 and layer1),
     every other parameter gets one; "conv1" keeps conv2_x training; "none" undoes it."""
     torch.manual_seed(0)
-    net = SSD300(n_classes=3, backbone=backbone, width=0.125, base_bn=base_bn)
+    net = SSD(n_classes=3, backbone=backbone, width=0.125, base_bn=base_bn)
     base = net.base.to_conv4_3 if backbone == "vgg16" else net.base.to_conv4
     def stage_params(names):
         return {id(p) for name in names for p in getattr(base, name).parameters()}
@@ -191,11 +193,54 @@ def test_l2norm_is_float32_under_autocast():
     assert torch.allclose(norm(x), expected, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backbone", ["vgg16", "resnet34"])
+def test_ssd512_maps_priors_and_a_training_step(backbone):
+    """SSD512 (Caffe's ssd_pascal_512.py): 7 maps 64 ... 1 from a 512x512 input, conv12_2's 4x4
+    kernel making the last, 24,564 priors in head order; one forward, loss and backward."""
+    net = SSD(n_classes=3, backbone=backbone, width=0.125, model="ssd512")
+    assert net.image_size == 512 and net.aux_convs.convs["conv12_2"].kernel_size == (4, 4)
+    x = torch.randn(2, 3, 512, 512)
+    f64, f32 = net.base(x)
+    maps = [f64, f32] + net.aux_convs(f32)
+    assert [f.shape[-1] for f in maps] == list(PRIOR_CONFIGS["ssd512"].maps) == [64, 32, 16, 8, 4, 2, 1]
+    locs, scores = net(x)
+    assert locs.shape == (2, 24564, 4) and scores.shape == (2, 24564, 3)
+    assert net.priors_cxcy.shape == (24564, 4)
+    boxes, labels = random_targets(2, 3, torch.Generator().manual_seed(0))
+    loss, _, _ = MultiBoxLoss(net.priors_cxcy)(locs, scores, boxes, labels)
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
+    assert net.pred_convs.loc[0].weight.grad.abs().sum() > 0
+
+
+def test_model_and_priors_must_agree():
+    with pytest.raises(ValueError, match="ssd300 predicts from 6 maps; the prior configuration has 7"):
+        SSD(n_classes=3, priors=PRIOR_CONFIGS["ssd512"])
+    with pytest.raises(ValueError, match="unknown model"):
+        SSD(n_classes=3, model="ssd600")
+
+
 # ---------------------------------------------------------------------------- priors
+
+def test_ssd512_priors_follow_caffe():
+    """ssd_pascal_512.py: min sizes 35.84 ... 460.8 and max 76.8 ... 537.6 pixels of 512,
+    centres every 8, 16, ... 512 pixels, not clipped."""
+    config = PRIOR_CONFIGS["ssd512"]
+    counts = [f * f * n_boxes_per_location(r) for f, r in zip(config.maps, config.aspect_ratios)]
+    assert counts == [16384, 6144, 1536, 384, 96, 16, 4] and sum(counts) == 24564
+    priors = create_priors(config)
+    assert torch.allclose(priors[0], torch.tensor([4 / 512, 4 / 512, 35.84 / 512, 35.84 / 512]))
+    # conv8_2 (16x16, step 32): its last location's centre at (15.5 * 32) / 512.
+    last = sum(counts[:3]) - 6
+    assert torch.allclose(priors[last, :2], torch.full((2,), 15.5 * 32 / 512))
+    assert torch.allclose(priors[-3, 2:], torch.full((2,), math.sqrt(460.8 * 537.6) / 512))
+    assert priors[-2, 2] > 1.0
+
 
 def test_priors_count_per_map():
     priors = create_priors()
-    counts = [f * f * model.n_boxes_per_location(r) for _, f, r in model.FEATURE_MAPS]
+    config = PRIOR_CONFIGS["ssd300"]
+    counts = [f * f * n_boxes_per_location(r) for f, r in zip(config.maps, config.aspect_ratios)]
     assert counts == [5776, 2166, 600, 150, 36, 4]
     assert priors.shape == (8732, 4)
 
@@ -222,8 +267,8 @@ def test_prior_order_matches_head_flatten_order():
     """Each flattened prediction must sit at the index of the prior of its cell and box."""
     priors = create_priors()
     offset = 0
-    for _, f, ratios in model.FEATURE_MAPS:
-        b = model.n_boxes_per_location(ratios)
+    for f, ratios in zip(PRIOR_CONFIGS["ssd300"].maps, PRIOR_CONFIGS["ssd300"].aspect_ratios):
+        b = n_boxes_per_location(ratios)
         # Channel (box k, coordinate c) at cell (i, j) holds a code of (i, j, k).
         i = torch.arange(f).view(1, 1, f, 1).expand(b, 4, f, f)
         j = torch.arange(f).view(1, 1, 1, f).expand(b, 4, f, f)
@@ -275,13 +320,13 @@ def test_pretrained_from_local_file(tmp_path):
     vgg = random_vgg16_state_dict()
     path = tmp_path / "vgg16.pth"
     torch.save(vgg, path)
-    net = SSD300(n_classes=3, pretrained=str(path))
+    net = SSD(n_classes=3, pretrained=str(path))
     assert torch.equal(net.base.to_conv7.conv5_1.weight, vgg["features.24.weight"])
 
 
 def test_pretrained_failure_says_what_to_do(tmp_path):
     with pytest.raises(OSError, match="--no-pretrained"):
-        SSD300(n_classes=3, pretrained=str(tmp_path / "missing.pth"))
+        SSD(n_classes=3, pretrained=str(tmp_path / "missing.pth"))
 
 
 # ---------------------------------------------------------------------------- box maths
@@ -620,7 +665,7 @@ def test_detect_objects_with_nothing_above_threshold():
 
 def test_loss_falls_when_overfitting_two_images():
     torch.manual_seed(0)
-    net = SSD300(n_classes=3, width=0.0625)
+    net = SSD(n_classes=3, width=0.0625)
     criterion = MultiBoxLoss(net.priors_cxcy)
     images = torch.randn(2, 3, 300, 300)
     images[0, :, 60:200, 90:240] += 2.0             # two bright "objects"

@@ -78,7 +78,7 @@ def test_training_lowers_loss_and_raises_map(shapes_lists, tmp_path):
     torch.manual_seed(0)
     test_set = PascalVOCDataset(shapes_lists, "test")
     width = train.PRESETS["toy"]["width"]
-    untrained = model.SSD300(len(test_set.label_map), width=width, base_bn=train.PRESETS["toy"]["base_bn"])
+    untrained = model.SSD(len(test_set.label_map), width=width, base_bn=train.PRESETS["toy"]["base_bn"])
     before = evaluation.evaluate(untrained, test_set, torch.device("cpu"), workers=0, progress=False)
     args = ["--preset", "toy", "--data-folder", str(shapes_lists), "--out", str(tmp_path),
             "--iterations", "200", "--lr-steps", "200", "--warmup", "20", "--print-every", "20",
@@ -97,7 +97,7 @@ def test_resnet34_training_step_lowers_the_loss_on_a_fixed_batch(shapes_lists):
     torch.manual_seed(0)
     data = PascalVOCDataset(shapes_lists, "test")
     images, boxes, labels, _, _ = collate_fn([data[i] for i in range(4)])
-    net = model.SSD300(len(data.label_map), backbone="resnet34",
+    net = model.SSD(len(data.label_map), backbone="resnet34",
                        width=train.PRESETS["toy"]["width"]).train()
     criterion = model.MultiBoxLoss(net.priors_cxcy)
     optimizer = train.make_optimizer(net, dict(optimizer="adamw", lr=1e-3, weight_decay=5e-4))
