@@ -62,12 +62,12 @@ import create_data_lists
 import datasets
 import metrics
 import model
-import priors
 import shapes
 import train
 import utils
 from eval import predict
 from gpu_augment import render_batch
+from priors import CENTRE_VARIANCE, SIZE_VARIANCE, create_priors
 
 ROWS = []
 
@@ -153,7 +153,7 @@ def section_model(device, args):
 
 def section_loss(device, args):
     g = torch.Generator().manual_seed(0)
-    criterion = model.MultiBoxLoss(priors.create_priors().to(device))
+    criterion = model.MultiBoxLoss(create_priors().to(device))
     for batch in (8, 32):
         boxes, labels = random_targets(batch, 21, g)
         boxes = [b.to(device) for b in boxes]
@@ -182,7 +182,7 @@ def torchvision_postprocess(locs, scores, priors, decoding=utils.EVAL_DECODING):
     BoxCoder's weights are our variances' inverses. locs N x P x 4, scores N x P x C,
     priors P x 4 centre-size. Returns torchvision's list of dicts."""
     settings = SimpleNamespace(
-        box_coder=BoxCoder(weights=(1 / priors.CENTRE_VARIANCE,) * 2 + (1 / priors.SIZE_VARIANCE,) * 2),
+        box_coder=BoxCoder(weights=(1 / CENTRE_VARIANCE,) * 2 + (1 / SIZE_VARIANCE,) * 2),
         score_thresh=decoding.min_score, nms_thresh=decoding.max_overlap,
         topk_candidates=decoding.per_class_top_k, detections_per_img=decoding.top_k)
     n = len(locs)
@@ -192,7 +192,7 @@ def torchvision_postprocess(locs, scores, priors, decoding=utils.EVAL_DECODING):
 
 def section_detect(device, args):
     g = torch.Generator().manual_seed(0)
-    priors = priors.create_priors().to(device)
+    priors = create_priors().to(device)
     batch = 8
     locs = (0.5 * torch.randn(batch, 8732, 4, generator=g)).to(device)
     for name, scores in (("random scores", torch.randn(batch, 8732, 21, generator=g).to(device)),

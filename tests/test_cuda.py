@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import model
-import priors
 import utils
+from priors import create_priors
 from test_model import random_boxes, random_targets
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -13,7 +13,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 def test_loss_on_cuda_equals_cpu():
     g = torch.Generator().manual_seed(0)
-    priors = priors.create_priors()
+    priors = create_priors()
     boxes, labels = random_targets(8, 6, g)
     locs = torch.randn(8, 8732, 4, generator=g)
     scores = 3 * torch.randn(8, 8732, 6, generator=g)
@@ -26,7 +26,7 @@ def test_loss_on_cuda_equals_cpu():
 
 def test_detect_objects_on_cuda_equals_cpu():
     g = torch.Generator().manual_seed(1)
-    priors = priors.create_priors()
+    priors = create_priors()
     locs = 0.5 * torch.randn(4, 8732, 4, generator=g)
     scores = torch.randn(4, 8732, 5, generator=g)
     cpu = model.detect_objects(locs, scores, priors, 0.01, 0.45, 200)
