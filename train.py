@@ -441,32 +441,59 @@ def is_worker_death(error):
 
 
 class Trainer:
-    """One training run: the data, the network and its optimiser, and the loop."""
+    """One training run: the data, the network and its optimiser, and the loop.
+
+    Setup (__init__) keeps the order in which it draws random numbers (the seed, the data, the
+    network), on which a seed's run depends; then --init-from's weights or the resumed state.
+    The loop (run): a training step, logging (with the test mAP when due), a checkpoint when due.
+    """
+
+    # ------------------------------------------------------------------ setup
 
     def __init__(self, config, resume_state=None, init_state=None):
         self.config = config
+        resumed = resume_state is not None
+        self._setup_process(resumed)
+        self._choose_precision()
+        self._build_data()
+        self._build_network(resumed)
+        if init_state is not None:
+            self._init_from(init_state)
+        self.net.to(self.device, memory_format=self.memory_format)
+        self._build_optimiser()
+        self.iteration, self.history = 0, []
+        if resumed:
+            self._restore(resume_state)
+        self.model = self._wrap_for_ddp_and_compile(self.net)
+
+    def _setup_process(self, resumed):
+        """Rank, world and device; refuse to overwrite a run by mistake; seed the RNG."""
+        config = self.config
         self.rank, self.world, self.device = setup_distributed(config["device"])
         self.main_process = self.rank == 0
         if config["batch_size"] % self.world:
             raise ValueError(f"--batch-size {config['batch_size']} is not divisible by "
                              f"{self.world} processes")
         self.out = Path(config["out"])
-        if resume_state is None and (self.out / "checkpoint.pt").exists() and not config["overwrite"]:
+        if not resumed and (self.out / "checkpoint.pt").exists() and not config["overwrite"]:
             raise FileExistsError(f"{self.out} already holds a run: continue it with --resume, "
                                   "start again with --overwrite, or choose another --out")
         torch.manual_seed(config["seed"])
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
+
+    def _choose_precision(self):
+        """The autocast dtype and memory format (--amp, --channels-last) for this device."""
+        config = self.config
         self.dtype, self.memory_format = choose_precision(config["amp"], self.device,
                                                           config["channels_last"])
         # What --amp auto chose on this machine (a resumed run chooses again on its own).
         config["precision"] = describe_precision(self.dtype, self.memory_format)
         if self.main_process:
             print(f"precision: {config['precision']} on {self.device}")
-        self._build_data()
-        self._build_model(resume_state, init_state)
 
     def _build_data(self):
+        """The training set, its resumable sampler and the loader; the classes into config."""
         config = self.config
         # Left unset (auto) in the config, so that a run resumed on another device chooses again.
         self.dataset = PascalVOCDataset(config["data_folder"], "train", config["keep_difficult"],
@@ -486,54 +513,127 @@ class Trainer:
             num_workers=config["workers"], pin_memory=self.device.type == "cuda", drop_last=True,
             persistent_workers=config["workers"] > 0, worker_init_fn=ignore_interrupts)
 
-    def _build_model(self, resume_state, init_state=None):
+    def _build_network(self, resumed):
+        """SSD300 (ImageNet weights unless resumed: the checkpoint's replace them), its base
+        frozen as --freeze says; still on the CPU."""
         config = self.config
         if config.get("base_bn") == "frozen" and not config["pretrained"] and not config.get("init_from"):
             raise ValueError("--base-bn frozen needs pretrained weights: batch norm frozen at "
                              "its initial statistics would normalise nothing (use --base-bn train)")
         self.net = SSD(config["n_classes"], config["backbone"], width=config["width"],
-                          pretrained=config["pretrained"] if resume_state is None else False,
-                          base_bn=config.get("base_bn"))   # absent from older checkpoints
+                       pretrained=config["pretrained"] if not resumed else False,
+                       base_bn=config.get("base_bn"))   # absent from older checkpoints
         config["base_bn"] = self.net.config["base_bn"]        # the choice made, for --resume
         if config["freeze"] is None:
             config["freeze"] = "conv2" if config["pretrained"] or config.get("init_from") else "none"
         self.net.freeze(config["freeze"])
         if self.main_process and config["freeze"] != "none":
             print(f"frozen: the base up to {config['freeze']}_x (--freeze)")
-        if init_state is not None:
-            shared = load_for_new_classes(self.net, init_state["model"], config["label_map"],
-                                          init_state["config"]["label_map"])
-            if self.main_process:
-                new = [name for name in config["label_map"] if name not in shared]
-                print(f"initialised from {config['init_from']} (iteration {init_state.get('iteration')}): "
-                      f"class scores copied for {', '.join(shared) or 'none'}; new for "
-                      f"{', '.join(new) or 'none'}")
-        self.net.to(self.device, memory_format=self.memory_format)
-        self.criterion = MultiBoxLoss(self.net.priors_cxcy, loc_loss=config["loc_loss"])
-        self.optimizer = make_optimizer(self.net, config)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
-        self.iteration, self.history = 0, []
-        if resume_state is not None:
-            self.net.load_state_dict(resume_state["model"])
-            self.optimizer.load_state_dict(resume_state["optimizer"])
-            self.scaler.load_state_dict(resume_state["scaler"])
-            self.iteration, self.history = resume_state["iteration"], resume_state["history"]
-            torch.set_rng_state(resume_state["rng_cpu"])
-            if self.device.type == "cuda" and resume_state["rng_cuda"]:
-                torch.cuda.set_rng_state_all(resume_state["rng_cuda"])
-        self.model = self.net
-        if self.world > 1:
-            self.model = DistributedDataParallel(
-                self.net, device_ids=[self.device] if self.device.type == "cuda" else None)
-        if config["compile"]:
-            self.model = torch.compile(self.model)
 
-    def save(self, reason):
+    def _init_from(self, init_state):
+        """--init-from: its weights, and the class scores of the classes both runs share."""
+        config = self.config
+        shared = load_for_new_classes(self.net, init_state["model"], config["label_map"],
+                                      init_state["config"]["label_map"])
         if self.main_process:
-            state = checkpoint_state(self.net, self.optimizer, self.scaler, self.iteration,
-                                     self.config, self.history)
-            atomic_torch_save(state, self.out / "checkpoint.pt")
-            tqdm.write(f"saved {self.out / 'checkpoint.pt'} at iteration {self.iteration} ({reason})")
+            new = [name for name in config["label_map"] if name not in shared]
+            print(f"initialised from {config['init_from']} (iteration {init_state.get('iteration')}): "
+                  f"class scores copied for {', '.join(shared) or 'none'}; new for "
+                  f"{', '.join(new) or 'none'}")
+
+    def _build_optimiser(self):
+        """The loss, the optimiser of the trained parameters, and the grad scaler (float16 only)."""
+        self.criterion = MultiBoxLoss(self.net.priors_cxcy, loc_loss=self.config["loc_loss"])
+        self.optimizer = make_optimizer(self.net, self.config)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+
+    def _restore(self, resume_state):
+        """--resume: weights, optimiser, scaler, iteration, log and RNG as the checkpoint left
+        them, so that the run goes on as if never stopped."""
+        self.net.load_state_dict(resume_state["model"])
+        self.optimizer.load_state_dict(resume_state["optimizer"])
+        self.scaler.load_state_dict(resume_state["scaler"])
+        self.iteration, self.history = resume_state["iteration"], resume_state["history"]
+        torch.set_rng_state(resume_state["rng_cpu"])
+        if self.device.type == "cuda" and resume_state["rng_cuda"]:
+            torch.cuda.set_rng_state_all(resume_state["rng_cuda"])
+
+    def _wrap_for_ddp_and_compile(self, net):
+        """The module the loop calls: `net` in DDP over several processes, compiled with
+        --compile (checkpoints and evaluation use the bare self.net)."""
+        model = net
+        if self.world > 1:
+            model = DistributedDataParallel(
+                net, device_ids=[self.device] if self.device.type == "cuda" else None)
+        if self.config["compile"]:
+            model = torch.compile(model)
+        return model
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self):
+        """Train to config["iterations"]; returns the exit code (0, or 130 when interrupted)."""
+        self._prepare_folder()
+        evaluator = make_evaluator(self.config, self.device, self.dtype, self.memory_format) \
+            if self.config["eval_every"] else None
+        self.losses = RunningLosses(self.device, self.history[-1]["elapsed_s"] if self.history else 0.0)
+        self.bad_steps, self.skipped_images = 0, 0
+        bar = tqdm(total=self.config["iterations"], initial=self.iteration, desc="train",
+                   disable=not self.main_process, dynamic_ncols=True)
+        self.model.train()
+        stream = batches(self.loader, self.sampler, self.dataset, self.iteration)
+        with bar, StopRequest() as stop:
+            try:
+                if not self._train_loop(stream, evaluator, bar, stop):
+                    return 130
+            except RuntimeError as error:
+                if not is_worker_death(error):
+                    raise
+                return self._stop_at_worker_death(error, bar, stop)
+        return self._finish()
+
+    def _train_loop(self, stream, evaluator, bar, stop):
+        """Step, log, checkpoint, up to the last iteration; False when a signal stopped it
+        (after a checkpoint)."""
+        while self.iteration < self.config["iterations"]:
+            batch = self._readable(self._rendered(next(stream)))
+            terms, stop_now = self.step(batch, stop)
+            bar.update(1)
+            self._count(terms)
+            self._log_if_due(evaluator, bar, stop_now)
+            if stop_now:
+                bar.close()
+                self.save("interrupted")
+                return False
+            self._save_if_due()
+        return True
+
+    def _stop_at_worker_death(self, error, bar, stop):
+        """A DataLoader worker died: save; exit code 130 if a signal killed it, else
+        TrainingStopped."""
+        bar.close()
+        self.save("interrupted" if stop.requested else "a data loading process died")
+        if stop.requested:             # e.g. a signal that reached a worker first
+            return 130
+        raise TrainingStopped(f"{error}; continue with --resume") from error
+
+    def _finish(self):
+        """The final checkpoint; report skipped images; check that the ranks agree."""
+        self.save("finished")
+        if self.skipped_images:
+            print(f"{self.skipped_images} unreadable images skipped (--skip-bad-images)")
+        check_ranks_agree(self.net, self.device, self.world, self.main_process)
+        return 0
+
+    def _prepare_folder(self):
+        """The run folder, cleared of an interrupted write's temporaries, and its log.csv."""
+        if self.main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            if remove_stale_temporaries(self.out):
+                print(f"removed temporary files left in {self.out} by an interrupted write")
+            write_log(self.out / "log.csv", self.history)
+
+    # ------------------------------------------------------------------ one training step
 
     def step(self, batch, stop):
         """One iteration. Returns (loss terms or None if skipped as non-finite, stop now)."""
@@ -552,51 +652,6 @@ class Trainer:
             return None, bool(stop_now)
         backward_step(terms[0], self.optimizer, self.scaler)
         return torch.stack([t.detach() for t in terms]).double(), bool(stop_now)
-
-    def run(self):
-        """Train to config["iterations"]; returns the exit code (0, or 130 when interrupted)."""
-        self._prepare_folder()
-        evaluator = make_evaluator(self.config, self.device, self.dtype, self.memory_format) \
-            if self.config["eval_every"] else None
-        self.losses = RunningLosses(self.device, self.history[-1]["elapsed_s"] if self.history else 0.0)
-        self.bad_steps, self.skipped_images = 0, 0
-        bar = tqdm(total=self.config["iterations"], initial=self.iteration, desc="train",
-                   disable=not self.main_process, dynamic_ncols=True)
-        self.model.train()
-        stream = batches(self.loader, self.sampler, self.dataset, self.iteration)
-        with bar, StopRequest() as stop:
-            try:
-                while self.iteration < self.config["iterations"]:
-                    batch = self._readable(self._rendered(next(stream)))
-                    terms, stop_now = self.step(batch, stop)
-                    bar.update(1)
-                    self._count(terms)
-                    self._log(evaluator, bar, stop_now)
-                    if stop_now:
-                        bar.close()
-                        self.save("interrupted")
-                        return 130
-                    self._periodic_save()
-            except RuntimeError as error:
-                if not is_worker_death(error):
-                    raise
-                bar.close()
-                self.save("interrupted" if stop.requested else "a data loading process died")
-                if stop.requested:             # e.g. a signal that reached a worker first
-                    return 130
-                raise TrainingStopped(f"{error}; continue with --resume") from error
-        self.save("finished")
-        if self.skipped_images:
-            print(f"{self.skipped_images} unreadable images skipped (--skip-bad-images)")
-        check_ranks_agree(self.net, self.device, self.world, self.main_process)
-        return 0
-
-    def _prepare_folder(self):
-        if self.main_process:
-            self.out.mkdir(parents=True, exist_ok=True)
-            if remove_stale_temporaries(self.out):
-                print(f"removed temporary files left in {self.out} by an interrupted write")
-            write_log(self.out / "log.csv", self.history)
 
     def _rendered(self, batch):
         """The batch with its pixels: made on the device here with --gpu-augment (the images
@@ -639,29 +694,56 @@ class Trainer:
                 f"stopped. The last good weights are in {self.out / 'checkpoint.pt'}; try a "
                 "lower --lr, a longer --warmup, or --amp off.")
 
-    def _log(self, evaluator, bar, stop_now):
-        """Every --print-every iterations (and at the end): a log.csv row, the test mAP every
-        --eval-every, and the loss curve."""
+    # ------------------------------------------------------------------ evaluation and logging
+
+    def _log_if_due(self, evaluator, bar, stop_now):
+        """Every --print-every iterations (and at the end, or when stopping): a log.csv row,
+        with the test mAP when it is due, and the loss curve."""
         config, it = self.config, self.iteration
         last = it == config["iterations"]
-        evaluate = evaluator is not None and (it % config["eval_every"] == 0 or last)
+        evaluate = self._evaluation_due(evaluator)
         if not self.losses.n or not (it % config["print_every"] == 0 or last or stop_now or evaluate):
             return
         row = self.losses.row(it, learning_rate(it - 1, config), config["batch_size"], self.world)
         if evaluate:
-            row["mAP"] = evaluator(self.net)
-            self.model.train()
+            row["mAP"] = self._evaluate(evaluator)
         self.history.append(row)
         bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2g}",
                         img_s=f"{row['images_per_s']:.1f}")
         if self.main_process:
-            write_log(self.out / "log.csv", self.history)
-            # Every 10th row, and whenever mAP is measured or the run ends.
-            if len(self.history) % 10 == 0 or evaluate or last or stop_now:
-                plot_loss_curves([(self.out.name, log_columns(self.history))],
-                                 self.out / "loss_curve.png")
+            # The curve every 10th row, and whenever mAP is measured or the run ends.
+            self._write_log_files(plot=len(self.history) % 10 == 0 or evaluate or last or stop_now)
 
-    def _periodic_save(self):
+    def _evaluation_due(self, evaluator):
+        """Whether this iteration measures the test mAP: every --eval-every, and at the end."""
+        it = self.iteration
+        return evaluator is not None and (it % self.config["eval_every"] == 0
+                                          or it == self.config["iterations"])
+
+    def _evaluate(self, evaluator):
+        """The test mAP of the network now; then back to training mode."""
+        result = evaluator(self.net)
+        self.model.train()
+        return result
+
+    def _write_log_files(self, plot):
+        """log.csv with every row so far; with `plot`, loss_curve.png too."""
+        write_log(self.out / "log.csv", self.history)
+        if plot:
+            plot_loss_curves([(self.out.name, log_columns(self.history))], self.out / "loss_curve.png")
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save(self, reason):
+        """checkpoint.pt (main process only): all that --resume needs, the RNG state included."""
+        if self.main_process:
+            state = checkpoint_state(self.net, self.optimizer, self.scaler, self.iteration,
+                                     self.config, self.history)
+            atomic_torch_save(state, self.out / "checkpoint.pt")
+            tqdm.write(f"saved {self.out / 'checkpoint.pt'} at iteration {self.iteration} ({reason})")
+
+    def _save_if_due(self):
+        """A periodic checkpoint every --save-every iterations (the last has its own)."""
         if self.iteration % self.config["save_every"] == 0 and self.iteration < self.config["iterations"]:
             try:
                 self.save("periodic")
