@@ -36,7 +36,7 @@ Sections:
   deploy      CPU latency at batch 1 of the whole detector (network and decoding at the
               paper's settings), both bases, untrained: PyTorch fp32, PyTorch in what --amp auto
               picks, and onnxruntime running export.py's graph (needs onnx and onnxruntime)
-Prints a Markdown table; figures in the README came from this script.
+Prints a Markdown table; figures in docs/benchmarks.md came from this script.
 """
 import argparse
 import contextlib
