@@ -22,7 +22,6 @@ import torch
 from PIL import ExifTags, Image, ImageOps
 from torchvision.ops import box_iou
 
-from shapes import SHAPE_CLASSES, make_shapes_dataset  # noqa: F401 (moved to shapes.py, still importable here)
 from utils import IMAGE_SIZE
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # RGB, on 0-1 images
