@@ -24,7 +24,6 @@ from PIL import ExifTags, Image, ImageOps
 from torchvision.ops import box_iou
 
 from priors import prior_config
-from shapes import SHAPE_CLASSES, make_shapes_dataset  # noqa: F401 (moved to shapes.py, still importable here)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # RGB, on 0-1 images
 IMAGENET_STD = (0.229, 0.224, 0.225)

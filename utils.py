@@ -408,16 +408,3 @@ def save_figure(fig, png):
             fig.savefig(f, format="png", dpi=100)
     finally:
         plt.close(fig)
-
-
-# VOC AP and the COCO metrics live in metrics.py; their names still work here (utils.calculate_mAP).
-_MOVED_TO_METRICS = ("VOC_IOU_THRESHOLD", "precision_recall_curves", "mean_average_precision",
-                     "calculate_mAP", "COCO_METRICS", "coco_dataset", "coco_api_objects",
-                     "coco_summary", "coco_metrics")
-
-
-def __getattr__(name):
-    if name in _MOVED_TO_METRICS:
-        import metrics
-        return getattr(metrics, name)
-    raise AttributeError(f"module 'utils' has no attribute {name!r}")

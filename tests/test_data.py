@@ -10,6 +10,7 @@ from PIL import Image
 import datasets as D
 from create_data_lists import VOC_CLASSES, create_data_lists, main
 from datasets import DataError, PascalVOCDataset, collate_fn, load_image, train_transform
+from shapes import make_shapes_dataset
 from utils import atomic_write_json as write_json_atomic
 
 
@@ -688,13 +689,13 @@ def test_missing_or_malformed_lists_are_clear_errors(shapes_lists, tmp_path):
 
 def test_shapes_dataset_is_deterministic(tmp_path):
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
-        D.make_shapes_dataset(tmp_path / name, n_trainval=3, n_test=2, seed=seed)
+        make_shapes_dataset(tmp_path / name, n_trainval=3, n_test=2, seed=seed)
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
     assert len(files) == 12
     assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
     assert any((tmp_path / "a" / f).read_bytes() != (tmp_path / "c" / f).read_bytes() for f in files)
     with pytest.raises(FileExistsError):
-        D.make_shapes_dataset(tmp_path / "a", n_trainval=1, n_test=1)
+        make_shapes_dataset(tmp_path / "a", n_trainval=1, n_test=1)
 
 
 def test_shapes_objects_are_large_and_few(shapes_lists):
