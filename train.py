@@ -1,10 +1,11 @@
-"""Train SSD300 on lists written by create_data_lists.py.
+"""Train SSD300 (or SSD512, --model ssd512) on lists written by create_data_lists.py.
 
 The defaults are the paper's VOC07+12 recipe (SGD, lr 1e-3, momentum 0.9, weight decay 5e-4,
 biases at twice the learning rate, batch 32, 120k iterations, lr x0.1 at 80k and 100k):
 
     python train.py --data-folder data/voc_lists --out checkpoints/ssd300_voc
     python train.py --backbone resnet34 --data-folder data/voc_lists --out checkpoints/ssd300_r34_voc
+    python train.py --model ssd512 --data-folder data/voc_lists --out checkpoints/ssd512_voc
     torchrun --nproc_per_node=4 train.py --data-folder data/voc_lists --out checkpoints/ssd300_voc
     python train.py --resume --out checkpoints/ssd300_voc         # continue the latest checkpoint
     python train.py --init-from checkpoints/ssd300_voc/checkpoint.pt --data-folder data/lists \
@@ -31,9 +32,10 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from datasets import (CROP_POLICIES, ZOOM_OUT_MAX, DataError, PascalVOCDataset, check_same_classes,
-                      collate_fn)
+                      collate_fn, model_input)
 from gpu_augment import decode_place, render_batch
-from model import FREEZE_CHOICES, SSD, MultiBoxLoss, load_for_new_classes, read_checkpoint
+from model import FREEZE_CHOICES, MODELS, SSD, MultiBoxLoss, load_for_new_classes, read_checkpoint
+from priors import PRIOR_CONFIGS, as_plain_dict, prior_config
 from utils import (HelpFormatter, add_precision_arguments, atomic_torch_save, atomic_write, bounded,
                    choose_precision, default_workers, describe_precision, pick_device,
                    remove_stale_temporaries, save_figure)
@@ -61,7 +63,7 @@ PRESETS = {
 }
 # Settings a resumed run must keep: those that define the network, and which of its
 # parameters train (the optimizer's state is per parameter).
-KEPT_ON_RESUME = ("backbone", "width", "n_classes", "base_bn", "freeze")
+KEPT_ON_RESUME = ("model", "backbone", "width", "n_classes", "base_bn", "freeze")
 # AdamW's decay rates of its moment averages when not given: Adam's (and PyTorch's) defaults,
 # also what checkpoints from before --betas were trained with.
 ADAMW_BETAS = (0.9, 0.999)
@@ -95,6 +97,9 @@ def build_parser(suppress_defaults=False):
                       help="leave out images that cannot be read, with a warning, instead of "
                            "stopping (with a checkpoint) at the first one")
     net = p.add_argument_group("model")
+    net.add_argument("--model", choices=MODELS, default=d("ssd300"),
+                     help="SSD300 (300x300 input, 8732 priors) or SSD512 (512x512, 24,564 priors, "
+                          "Caffe's ssd_pascal_512.py)")
     net.add_argument("--backbone", choices=["vgg16", "resnet34"], default=d("vgg16"),
                      help="VGG16 (the paper's) or ResNet-34 (MLPerf-style) base")
     net.add_argument("--pretrained", nargs="?", const=True, default=d(True),
@@ -138,7 +143,8 @@ def build_parser(suppress_defaults=False):
                      help="stop after this many non-finite losses in a row")
     run = p.add_argument_group("run")
     run.add_argument("--preset", choices=sorted(PRESETS), default=d(None),
-                     help="toy: a small SSD300 that learns the built-in dataset on a CPU in minutes")
+                     help="toy: a small SSD300 (or --model ssd512) that learns the built-in dataset "
+                          "on a CPU in minutes")
     run.add_argument("--out", default=d("checkpoints/ssd300"), help="run folder")
     run.add_argument("--resume", nargs="?", const="latest", default=d(None),
                      help="checkpoint to continue; alone: the run folder's checkpoint.pt")
@@ -300,6 +306,7 @@ def load_resume_state(path, config, explicit):
     state = read_checkpoint(path, required=("model", "optimizer", "scaler", "config", "iteration"))
     saved = dict(state["config"])
     saved.setdefault("freeze", "none")        # checkpoints from before --freeze trained it all
+    saved.setdefault("model", "ssd300")       # and from before SSD512
     for key in explicit:
         if key in KEPT_ON_RESUME and config[key] != saved.get(key):
             raise ValueError(f"{path} was trained with {key}={saved.get(key)!r}, "
@@ -312,18 +319,23 @@ def load_resume_state(path, config, explicit):
 
 def load_init_state(path, config):
     """The checkpoint --init-from starts from; a ValueError if its network is not this run's
-    but for the classes. A base_bn left unset is the checkpoint's."""
+    but for the classes. A base_bn left unset is the checkpoint's; so are the priors and the
+    input normalisation (its localisation heads and features were trained with them, e.g. a
+    checkpoint of convert_weights.py)."""
     state = read_checkpoint(path)
-    source = state["config"]
+    source = dict(state["config"])
+    source.setdefault("model", "ssd300")
     if config["base_bn"] is None:
         config["base_bn"] = source.get("base_bn")
-    for key in ("backbone", "width", "base_bn"):
+    for key in ("model", "backbone", "width", "base_bn"):
         if config[key] != source.get(key):
             option = "--" + key.replace("_", "-")
             raise ValueError(f"{path} was trained with {key}={source.get(key)!r}, this run has "
                              f"{config[key]!r}: --init-from keeps the network, so give "
                              f"{option} {source.get(key)} (or the --preset it was trained with)")
     config["pretrained"] = False              # its weights replace any ImageNet weights
+    config["priors"] = as_plain_dict(prior_config(source))
+    config["preprocessing"] = source.get("preprocessing")
     return state
 
 
@@ -493,13 +505,19 @@ class Trainer:
             print(f"precision: {config['precision']} on {self.device}")
 
     def _build_data(self):
-        """The training set, its resumable sampler and the loader; the classes into config."""
+        """The training set, its resumable sampler and the loader; the classes into config.
+        Its samples are the model's input: its priors' size (--model's, or those of the
+        checkpoint resumed or started from) and its normalisation (ImageNet's, or theirs)."""
         config = self.config
-        # Left unset (auto) in the config, so that a run resumed on another device chooses again.
+        config.setdefault("priors", as_plain_dict(PRIOR_CONFIGS[config["model"]]))
+        config.setdefault("preprocessing", None)
+        # gpu_augment left unset (auto) in the config, so that a run resumed on another device
+        # chooses again.
         self.dataset = PascalVOCDataset(config["data_folder"], "train", config["keep_difficult"],
                                         config["seed"], crop=config.get("crop", "caffe"),
                                         zoom_out=config.get("zoom_out", ZOOM_OUT_MAX), on_error="mark",
-                                        decode=decode_place(config.get("gpu_augment"), self.device))
+                                        decode=decode_place(config.get("gpu_augment"), self.device),
+                                        model_input=model_input(config))
         if "label_map" in config:                                               # resumed run
             check_same_classes(config["label_map"], self.dataset.label_map,
                                "the checkpoint", config["data_folder"])
@@ -514,7 +532,7 @@ class Trainer:
             persistent_workers=config["workers"] > 0, worker_init_fn=ignore_interrupts)
 
     def _build_network(self, resumed):
-        """SSD300 (ImageNet weights unless resumed: the checkpoint's replace them), its base
+        """The SSD (ImageNet weights unless resumed: the checkpoint's replace them), its base
         frozen as --freeze says; still on the CPU."""
         config = self.config
         if config.get("base_bn") == "frozen" and not config["pretrained"] and not config.get("init_from"):
@@ -522,7 +540,9 @@ class Trainer:
                              "its initial statistics would normalise nothing (use --base-bn train)")
         self.net = SSD(config["n_classes"], config["backbone"], width=config["width"],
                        pretrained=config["pretrained"] if not resumed else False,
-                       base_bn=config.get("base_bn"))   # absent from older checkpoints
+                       base_bn=config.get("base_bn"),   # absent from older checkpoints
+                       model=config["model"], priors=prior_config(config),
+                       preprocessing=config["preprocessing"])
         config["base_bn"] = self.net.config["base_bn"]        # the choice made, for --resume
         if config["freeze"] is None:
             config["freeze"] = "conv2" if config["pretrained"] or config.get("init_from") else "none"
@@ -659,7 +679,7 @@ class Trainer:
         empty batch, every image unreadable)."""
         if isinstance(batch.images, torch.Tensor):
             return batch
-        return render_batch(batch, self.device, self.memory_format)
+        return render_batch(batch, self.device, self.memory_format, self.dataset.model_input)
 
     def _readable(self, batch):
         """The batch's readable samples. An unreadable image stops the run with a checkpoint
@@ -799,7 +819,8 @@ def make_evaluator(config, device, dtype, memory_format):
     decoded where the training images are (--gpu-augment)."""
     from eval import evaluate
     test_set = PascalVOCDataset(config["data_folder"], "test", on_error="mark",
-                                decode=decode_place(config.get("gpu_augment"), device))
+                                decode=decode_place(config.get("gpu_augment"), device),
+                                model_input=model_input(config))
 
     def run(net):
         result = ""
