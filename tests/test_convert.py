@@ -1,0 +1,293 @@
+"""convert_weights.py: torchvision's SSD300 and amdegroot/ssd.pytorch's layout, against their own
+forward passes; converted checkpoints through eval, detect, export and fine-tuning."""
+import itertools
+import json
+import math
+import urllib.error
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from PIL import Image
+from torchvision.models.detection import ssd300_vgg16
+from torchvision.models.detection.image_list import ImageList
+
+import convert_weights
+import detect
+import eval as evaluation
+import train
+from datasets import model_input, to_model_input
+from model import SSD, load_checkpoint
+from priors import prior_config
+from shapes import SHAPE_CLASSES
+from utils import cxcy_to_xy
+
+
+def random_torchvision_ssd(seed, num_classes=91):
+    """torchvision's SSD300-VGG16 with random weights; its class-score convolutions scaled by
+    0.1, so that scores are spread out rather than saturated at 1 (ties would make the top-k
+    order arbitrary)."""
+    torch.manual_seed(seed)
+    tv = ssd300_vgg16(weights=None, weights_backbone=None, num_classes=num_classes).eval()
+    with torch.no_grad():
+        for conv in tv.head.classification_head.module_list:
+            conv.weight.mul_(0.1)
+    return tv
+
+
+def normalised(images, spec):
+    """0-1 RGB images (N, 3, S, S) normalised as a ModelInput says."""
+    return (images - torch.tensor(spec.mean).view(1, 3, 1, 1)) / torch.tensor(spec.std).view(1, 3, 1, 1)
+
+
+def as_ours(checkpoint):
+    """The network of a converted checkpoint (a dict), as load_checkpoint rebuilds it."""
+    config = checkpoint["config"]
+    net = SSD(config["n_classes"], priors=prior_config(config), preprocessing=config["preprocessing"])
+    net.load_state_dict(checkpoint["model"])
+    return net.eval()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_torchvision_parity_raw_heads_and_priors(seed):
+    tv = random_torchvision_ssd(seed)
+    net = as_ours(convert_weights.convert(tv.state_dict(), convert_weights.LAYOUTS["torchvision"]))
+    x = normalised(torch.rand(2, 3, 300, 300, generator=torch.Generator().manual_seed(seed)),
+                   model_input(net.config))
+    with torch.no_grad():
+        features = list(tv.backbone(x).values())
+        theirs = tv.head(features)
+        locs, scores = net(x)
+        anchors = tv.anchor_generator(ImageList(x, [(300, 300)] * 2), features)[0]    # pixels, xyxy
+    # The same prior order: each prediction at the index of the same default box.
+    assert torch.allclose(anchors, cxcy_to_xy(net.priors_cxcy) * 300, atol=1e-4)
+    assert (locs - theirs["bbox_regression"]).abs().max() <= 1e-4
+    assert (scores - theirs["cls_logits"]).abs().max() <= 1e-4 * max(1.0, float(scores.abs().max()))
+
+
+@pytest.mark.parametrize("seed", [0, 2])
+def test_torchvision_parity_detections(seed):
+    """torchvision's own transform and post-processing against ours with its settings."""
+    tv = random_torchvision_ssd(seed)
+    net = as_ours(convert_weights.convert(tv.state_dict(), convert_weights.LAYOUTS["torchvision"]))
+    images = torch.rand(3, 3, 300, 300, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        theirs = tv(list(images))        # 0-1 images: it normalises (and "resizes" 300 to 300)
+        locs, scores = net(normalised(images, model_input(net.config)))
+        boxes, labels, found = net.detect_objects(locs, scores, tv.score_thresh, tv.nms_thresh,
+                                                  tv.detections_per_img, tv.topk_candidates)
+    assert sum(len(b) for b in boxes) > 0
+    for n, their in enumerate(theirs):
+        assert torch.equal(labels[n], their["labels"])
+        assert (boxes[n] * 300 - their["boxes"]).abs().max() / 300 <= 1e-3
+        assert (found[n] - their["scores"]).abs().max() <= 1e-4
+
+
+# ------------------------------------------------------------------------------ amdegroot
+
+AMDEGROOT_VGG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "C", 512, 512, 512, "M", 512, 512, 512]
+AMDEGROOT_EXTRAS = [(1024, 256, 1, 1, 0), (256, 512, 3, 2, 1), (512, 128, 1, 1, 0), (128, 256, 3, 2, 1),
+                    (256, 128, 1, 1, 0), (128, 256, 3, 1, 0), (256, 128, 1, 1, 0), (128, 256, 3, 1, 0)]
+AMDEGROOT_VOC = dict(feature_maps=[38, 19, 10, 5, 3, 1], min_dim=300, steps=[8, 16, 32, 64, 100, 300],
+                     min_sizes=[30, 60, 111, 162, 213, 264], max_sizes=[60, 111, 162, 213, 264, 315],
+                     aspect_ratios=[[2], [2, 3], [2, 3], [2, 3], [2], [2]], variance=[0.1, 0.2])
+
+
+def amdegroot_state_dict(n_classes, seed):
+    """Random weights in amdegroot/ssd.pytorch's layout, the sizes its ssd.py builds; the
+    convolutions' scales chosen so that activations neither vanish nor explode."""
+    g = torch.Generator().manual_seed(seed)
+
+    def conv(prefix, c_in, c_out, k):
+        state[f"{prefix}.weight"] = torch.randn(c_out, c_in, k, k, generator=g) * math.sqrt(2 / (c_in * k * k))
+        state[f"{prefix}.bias"] = torch.randn(c_out, generator=g) * 0.01
+
+    state, index, c = {}, 0, 3
+    for v in AMDEGROOT_VGG:
+        if v in ("M", "C"):
+            index += 1
+        else:
+            conv(f"vgg.{index}", c, v, 3)
+            c, index = v, index + 2
+    conv("vgg.31", 512, 1024, 3)      # index 30 is pool5; conv6, relu, conv7
+    conv("vgg.33", 1024, 1024, 1)
+    for k, (c_in, c_out, size, _, _) in enumerate(AMDEGROOT_EXTRAS):
+        conv(f"extras.{k}", c_in, c_out, size)
+    sources = [512, 1024, 512, 256, 256, 256]
+    boxes = [4, 6, 6, 6, 4, 4]
+    for k, (c_in, b) in enumerate(zip(sources, boxes)):
+        conv(f"loc.{k}", c_in, b * 4, 3)
+        conv(f"conf.{k}", c_in, b * n_classes, 3)
+    state["L2Norm.weight"] = torch.full((512,), 20.0) + torch.randn(512, generator=g)
+    return state
+
+
+def amdegroot_forward(state, x, n_classes):
+    """A literal transcription of ssd.py's SSD.forward with functional ops: returns (loc
+    N x P x 4, conf N x P x C)."""
+    def conv(prefix, x, stride=1, padding=1, dilation=1):
+        return F.conv2d(x, state[f"{prefix}.weight"], state[f"{prefix}.bias"], stride, padding, dilation)
+
+    sources, index = [], 0
+    for v in AMDEGROOT_VGG:                       # vgg[0:23]: up to conv4_3's relu, then vgg[23:]
+        if v == "M":
+            x = F.max_pool2d(x, 2, 2)
+            index += 1
+        elif v == "C":
+            x = F.max_pool2d(x, 2, 2, ceil_mode=True)
+            index += 1
+        else:
+            x = F.relu(conv(f"vgg.{index}", x))
+            index += 2
+        if index == 23:
+            norm = x.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10
+            sources.append(state["L2Norm.weight"].view(1, -1, 1, 1) * (x / norm))
+    x = F.max_pool2d(x, 3, 1, 1)
+    x = F.relu(conv("vgg.31", x, padding=6, dilation=6))
+    x = F.relu(conv("vgg.33", x, padding=0))
+    sources.append(x)
+    for k, (_, _, _, stride, padding) in enumerate(AMDEGROOT_EXTRAS):
+        x = F.relu(conv(f"extras.{k}", x, stride, padding))
+        if k % 2 == 1:
+            sources.append(x)
+    loc = torch.cat([conv(f"loc.{k}", s).permute(0, 2, 3, 1).reshape(len(x), -1) for k, s in enumerate(sources)], 1)
+    conf = torch.cat([conv(f"conf.{k}", s).permute(0, 2, 3, 1).reshape(len(x), -1) for k, s in enumerate(sources)], 1)
+    return loc.view(len(x), -1, 4), conf.view(len(x), -1, n_classes)
+
+
+def amdegroot_priors(cfg):
+    """layers/functions/prior_box.py's PriorBox.forward, transcribed: (P, 4) cx, cy, w, h."""
+    mean = []
+    for k, f in enumerate(cfg["feature_maps"]):
+        for i, j in itertools.product(range(f), repeat=2):
+            f_k = cfg["min_dim"] / cfg["steps"][k]
+            cx, cy = (j + 0.5) / f_k, (i + 0.5) / f_k
+            s_k = cfg["min_sizes"][k] / cfg["min_dim"]
+            mean += [cx, cy, s_k, s_k]
+            s_k_prime = math.sqrt(s_k * (cfg["max_sizes"][k] / cfg["min_dim"]))
+            mean += [cx, cy, s_k_prime, s_k_prime]
+            for ar in cfg["aspect_ratios"][k]:
+                mean += [cx, cy, s_k * math.sqrt(ar), s_k / math.sqrt(ar)]
+                mean += [cx, cy, s_k / math.sqrt(ar), s_k * math.sqrt(ar)]
+    return torch.tensor(mean).view(-1, 4).clamp(min=0, max=1)
+
+
+def amdegroot_decode(loc, priors, variances):
+    """layers/box_utils.py's decode: offsets (P, 4) -> corners (P, 4)."""
+    boxes = torch.cat((priors[:, :2] + loc[:, :2] * variances[0] * priors[:, 2:],
+                       priors[:, 2:] * torch.exp(loc[:, 2:] * variances[1])), 1)
+    boxes[:, :2] -= boxes[:, 2:] / 2
+    boxes[:, 2:] += boxes[:, :2]
+    return boxes
+
+
+def test_amdegroot_layout_gives_their_boxes_and_scores():
+    state = amdegroot_state_dict(21, seed=0)
+    net = as_ours(convert_weights.convert({"module." + k: v for k, v in state.items()},
+                                          convert_weights.LAYOUTS["amdegroot"]))
+    assert net.config["priors"]["steps"] == AMDEGROOT_VOC["steps"]
+    # Their input: OpenCV's BGR pixels less Caffe's BGR mean, then turned to RGB (voc0712.py).
+    rgb = np.random.default_rng(0).integers(0, 256, (2, 300, 300, 3), dtype=np.uint8)
+    theirs_in = torch.from_numpy(np.stack([(image[..., ::-1] - np.array([104, 117, 123]))[..., (2, 1, 0)]
+                                           for image in rgb.astype(np.float32)])).permute(0, 3, 1, 2).float()
+    ours_in = torch.stack([to_model_input(Image.fromarray(image), model_input(net.config)) for image in rgb])
+    assert torch.allclose(ours_in, theirs_in, atol=1e-4)
+    with torch.no_grad():
+        their_loc, their_conf = amdegroot_forward(state, theirs_in, 21)
+        locs, scores = net(ours_in)
+        ours = net.detect_objects(locs, scores)
+    priors = amdegroot_priors(AMDEGROOT_VOC)
+    assert torch.allclose(net.priors_cxcy, priors, atol=1e-6)
+    assert torch.allclose(scores.softmax(-1), their_conf.softmax(-1), atol=1e-5)
+    for n in range(2):
+        their_boxes = amdegroot_decode(their_loc[n], priors, AMDEGROOT_VOC["variance"]).clamp(0, 1)
+        assert torch.allclose(locs[n], their_loc[n], atol=1e-4)
+        # Each of our detections is their decoded box of some prior, with its softmax score.
+        for box, label, score in zip(*(t[n] for t in ours)):
+            match = (their_boxes - box).abs().max(dim=1).values < 1e-4
+            assert match.any() and torch.isclose(their_conf[n].softmax(-1)[match, label], score, atol=1e-5).any()
+
+
+def test_a_foreign_layout_is_refused_naming_what_is_missing():
+    state = amdegroot_state_dict(21, seed=0)
+    with pytest.raises(ValueError, match="torchvision"):
+        convert_weights.convert(state, convert_weights.LAYOUTS["torchvision"])
+    del state["extras.3.weight"]
+    with pytest.raises(ValueError, match="no extras.3.weight"):
+        convert_weights.convert(state, convert_weights.LAYOUTS["amdegroot"])
+    with pytest.raises(ValueError, match="20 classes besides the background, but 3"):
+        convert_weights.convert(amdegroot_state_dict(21, 1), convert_weights.LAYOUTS["amdegroot"], ["a", "b", "c"])
+
+
+# ------------------------------------------------------------------------------ the command
+
+def test_offline_conversion_fails_in_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
+    out = tmp_path / "ssd300_coco.pt"
+    assert convert_weights.main(["torchvision", "--out", str(out)]) == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "could not download" in error and "torchvision FILE" in error
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """A torchvision SSD300 for the shapes classes, saved and converted by the command."""
+    folder = tmp_path_factory.mktemp("converted")
+    tv = random_torchvision_ssd(3, num_classes=len(SHAPE_CLASSES) + 1)
+    torch.save(tv.state_dict(), folder / "tv.pth")
+    assert convert_weights.main(["torchvision", str(folder / "tv.pth"), "--out", str(folder / "ssd.pt"),
+                                 "--classes", *SHAPE_CLASSES]) == 0
+    return folder / "ssd.pt"
+
+
+def test_converted_checkpoint_loads_weights_only_and_records_what_it_expects(converted):
+    checkpoint = torch.load(converted, map_location="cpu", weights_only=True)
+    config = checkpoint["config"]
+    assert config["preprocessing"]["std"] == [1 / 255] * 3 and config["priors"]["clip"] == "sizes"
+    assert config["label_map"] == {"background": 0, **{c: i for i, c in enumerate(SHAPE_CLASSES, 1)}}
+    net, _ = load_checkpoint(converted)
+    assert model_input(net.config).mean == (0.48235, 0.45882, 0.40784)
+
+
+def test_coco_names_keep_torchvision_indices():
+    label_map = convert_weights.label_map_of(convert_weights.LAYOUTS["torchvision"].classes)
+    assert len(label_map) == 81 and label_map["person"] == 1 and label_map["stop sign"] == 13
+    assert max(label_map.values()) == 90
+
+
+def test_converted_checkpoint_evaluates_and_detects(converted, shapes_lists, shapes_root, tmp_path, capsys):
+    assert evaluation.main([str(converted), "--data-folder", str(shapes_lists), "--out", str(tmp_path),
+                            "--workers", "0", "--amp", "off"]) == 0
+    assert json.loads((tmp_path / "results.json").read_text())["mAP_07"] is not None
+    images = sorted((shapes_root / "JPEGImages").glob("*.jpg"))[:2]
+    assert detect.main([str(converted), *map(str, images), "--out", str(tmp_path / "det"),
+                        "--min-score", "0.05", "--amp", "off"]) == 0
+    assert len(json.loads((tmp_path / "det" / "detections.json").read_text())) == 2
+
+
+def test_eval_of_a_converted_checkpoint_asks_for_the_data(converted, capsys):
+    assert evaluation.main([str(converted)]) == 2
+    assert "--data-folder" in capsys.readouterr().err
+
+
+def test_converted_checkpoint_exports_with_its_input(converted, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    import export
+    out = tmp_path / "ssd.onnx"
+    assert export.main([str(converted), "--out", str(out)]) == 0
+    detector = detect.OnnxDetector(out)
+    assert detector.model_input == model_input(load_checkpoint(converted)[0].config)
+
+
+def test_fine_tuning_from_a_converted_checkpoint(converted, shapes_lists, tmp_path):
+    out = tmp_path / "run"
+    assert train.main(["--iterations", "1", "--batch-size", "2", "--workers", "0", "--amp", "off",
+                       "--data-folder", str(shapes_lists), "--out", str(out), "--init-from", str(converted)]) == 0
+    config = torch.load(out / "checkpoint.pt", weights_only=True)["config"]
+    source = torch.load(converted, weights_only=True)["config"]
+    assert (config["priors"], config["preprocessing"]) == (source["priors"], source["preprocessing"])
