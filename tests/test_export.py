@@ -145,12 +145,14 @@ def test_export_errors_name_the_file(tmp_path, capsys):
 
 # ---------------------------------------------------------------------------- detect.py --onnx
 
-def test_detect_with_onnx_equals_detect_with_pytorch(onnx_model, checkpoint, test_images, tmp_path):
+def test_detect_with_onnx_equals_detect_with_pytorch(onnx_model, checkpoint, test_images, tmp_path, capsys):
+    """With the default decoding settings of both: export.py's NMS is detect.py's."""
     images = [str(p) for p in test_images[:5]]
     assert detect.main(["--onnx", str(onnx_model[0]), *images, "--out", str(tmp_path / "onnx"),
                         "--min-score", "0.05"]) == 0
+    assert "its decoding: scores above 0.01, NMS at IoU 0.45, top 200 per image" in capsys.readouterr().err
     assert detect.main([str(checkpoint), *images, "--out", str(tmp_path / "torch"), "--min-score", "0.05",
-                        "--max-overlap", "0.45", "--amp", "off", "--device", "cpu"]) == 0
+                        "--amp", "off", "--device", "cpu"]) == 0
     ours = json.loads((tmp_path / "onnx" / "detections.json").read_text())
     theirs = json.loads((tmp_path / "torch" / "detections.json").read_text())
     assert list(ours) == list(theirs) == images

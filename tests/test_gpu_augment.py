@@ -174,6 +174,24 @@ def test_device_path_makes_the_cpu_paths_samples(mixed_lists):
     assert max(off_by_more) < 0.005, off_by_more
 
 
+def test_another_model_input_on_both_paths(mixed_lists):
+    """SSD512's size with torchvision's COCO normalisation (and so its zoom-out fill): the
+    device path's samples are still the CPU path's."""
+    spec = D.ModelInput(512, (0.48235, 0.45882, 0.40784), (1 / 255,) * 3)
+    cpu = D.PascalVOCDataset(mixed_lists, "train", seed=3, model_input=spec)
+    device = D.PascalVOCDataset(mixed_lists, "train", seed=3, decode="device", model_input=spec)
+    batch = G.render_batch(D.collate_fn([device[i] for i in range(11)]), torch.device("cpu"),
+                           model_input=spec)
+    expected = D.collate_fn([cpu[i] for i in range(11)])
+    assert batch.images.shape == expected.images.shape == (11, 3, 512, 512)
+    assert all(torch.equal(a, b) for a, b in zip(batch.boxes, expected.boxes))
+    levels = (batch.images - expected.images).abs()                  # std 1/255: 0-255 units
+    assert levels.mean() < 0.02 and float((levels > 1.5).float().mean()) < 0.005
+    # The zoom-out fill is this input's mean, which normalises to (almost) 0; ImageNet's would
+    # leave a whole level in red.
+    assert (expected.images.abs() < 0.01).all(dim=1).any() and (batch.images.abs() < 0.01).all(dim=1).any()
+
+
 def test_exif_rotated_jpeg_comes_out_in_the_cpu_paths_frame(mixed_lists):
     dataset = D.PascalVOCDataset(mixed_lists, "train", decode="device")
     orientations = [dataset[i][0].orientation for i in (2, 3, 4)]

@@ -130,6 +130,23 @@ def test_resnet34_run_evaluates_and_detects_without_naming_the_base(shapes_lists
     assert "base_bn='train'" in capsys.readouterr().err
 
 
+def test_ssd512_run_trains_at_512_evaluates_detects_and_resumes_as_ssd512(shapes_lists, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train.main(run_args(shapes_lists, run, "--model", "ssd512", "--iterations", "2")) == 0
+    config = torch.load(run / "checkpoint.pt", weights_only=True)["config"]
+    assert config["model"] == "ssd512" and config["priors"]["image_size"] == 512
+    net, _ = model.load_checkpoint(run / "checkpoint.pt")
+    assert net.image_size == 512 and net.priors_cxcy.shape == (24564, 4)
+    assert evaluation.main([str(run / "checkpoint.pt"), "--workers", "0", "--out", str(tmp_path / "eval")]) == 0
+    test_image = PascalVOCDataset(shapes_lists, "test").images[0]
+    assert detect.main([str(run / "checkpoint.pt"), test_image, "--out", str(tmp_path / "det"),
+                        "--min-score", "0"]) == 0
+    assert json.loads((tmp_path / "det" / "detections.json").read_text())[test_image]
+    capsys.readouterr()
+    assert train.main(["--resume", "--out", str(run), "--model", "ssd300"]) == 2
+    assert "model='ssd512'" in capsys.readouterr().err
+
+
 def test_resnet34_from_imagenet_weights_freezes_batch_norm_and_conv1_conv2(shapes_lists, tmp_path, capsys):
     path = tmp_path / "resnet34.pth"
     imagenet = torchvision.models.resnet34().state_dict()
