@@ -112,11 +112,20 @@ def test_resnet34_training_step_lowers_the_loss_on_a_fixed_batch(shapes_lists):
     assert losses[-1] < 0.8 * losses[0], losses
 
 
-def test_resnet34_run_evaluates_and_detects_without_naming_the_base(shapes_lists, tmp_path, capsys):
+@pytest.mark.parametrize("network, recorded, size, resumed_as, refusal", [
+    (["--backbone", "resnet34"], {"backbone": "resnet34", "base_bn": "train"}, 300,   # from scratch
+     ["--base-bn", "frozen"], "base_bn='train'"),
+    (["--model", "ssd512"], {"model": "ssd512"}, 512, ["--model", "ssd300"], "model='ssd512'"),
+])
+def test_a_run_evaluates_detects_and_resumes_without_naming_its_network(
+        shapes_lists, tmp_path, capsys, network, recorded, size, resumed_as, refusal):
+    """eval.py and detect.py rebuild the base (ResNet-34) or the model (SSD512, its input size
+    and priors) from the checkpoint; a resume cannot change them."""
     run = tmp_path / "run"
-    assert train.main(run_args(shapes_lists, run, "--backbone", "resnet34", "--iterations", "2")) == 0
+    assert train.main(run_args(shapes_lists, run, *network, "--iterations", "2")) == 0
     config = torch.load(run / "checkpoint.pt", weights_only=True)["config"]
-    assert (config["backbone"], config["base_bn"]) == ("resnet34", "train")   # from scratch
+    assert {key: config[key] for key in recorded} == recorded and config["priors"]["image_size"] == size
+    assert model.load_checkpoint(run / "checkpoint.pt")[0].image_size == size
     assert evaluation.main([str(run / "checkpoint.pt"), "--workers", "0", "--out", str(tmp_path / "eval")]) == 0
     assert set(json.loads((tmp_path / "eval" / "results.json").read_text())["aps_07"]) == \
         {"circle", "square", "triangle"}
@@ -124,27 +133,9 @@ def test_resnet34_run_evaluates_and_detects_without_naming_the_base(shapes_lists
     assert detect.main([str(run / "checkpoint.pt"), test_image, "--out", str(tmp_path / "det"),
                         "--min-score", "0"]) == 0
     assert json.loads((tmp_path / "det" / "detections.json").read_text())[test_image]
-    # The batch-norm choice is part of the architecture: a resume cannot change it.
     capsys.readouterr()
-    assert train.main(["--resume", "--out", str(run), "--base-bn", "frozen"]) == 2
-    assert "base_bn='train'" in capsys.readouterr().err
-
-
-def test_ssd512_run_trains_at_512_evaluates_detects_and_resumes_as_ssd512(shapes_lists, tmp_path, capsys):
-    run = tmp_path / "run"
-    assert train.main(run_args(shapes_lists, run, "--model", "ssd512", "--iterations", "2")) == 0
-    config = torch.load(run / "checkpoint.pt", weights_only=True)["config"]
-    assert config["model"] == "ssd512" and config["priors"]["image_size"] == 512
-    net, _ = model.load_checkpoint(run / "checkpoint.pt")
-    assert net.image_size == 512 and net.priors_cxcy.shape == (24564, 4)
-    assert evaluation.main([str(run / "checkpoint.pt"), "--workers", "0", "--out", str(tmp_path / "eval")]) == 0
-    test_image = PascalVOCDataset(shapes_lists, "test").images[0]
-    assert detect.main([str(run / "checkpoint.pt"), test_image, "--out", str(tmp_path / "det"),
-                        "--min-score", "0"]) == 0
-    assert json.loads((tmp_path / "det" / "detections.json").read_text())[test_image]
-    capsys.readouterr()
-    assert train.main(["--resume", "--out", str(run), "--model", "ssd300"]) == 2
-    assert "model='ssd512'" in capsys.readouterr().err
+    assert train.main(["--resume", "--out", str(run), *resumed_as]) == 2
+    assert refusal in capsys.readouterr().err
 
 
 def test_resnet34_from_imagenet_weights_freezes_batch_norm_and_conv1_conv2(shapes_lists, tmp_path, capsys):
