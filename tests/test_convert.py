@@ -50,34 +50,26 @@ def as_ours(checkpoint):
     return net.eval()
 
 
-def test_torchvision_parity_raw_heads_and_priors():
-    seed = 1
-    tv = random_torchvision_ssd(seed)
+def test_torchvision_parity():
+    """On the same images, as torchvision's model computes them: the raw heads per prior, the
+    priors (its DefaultBoxGenerator), and the detections of its own transform and
+    post-processing against ours with its settings."""
+    tv = random_torchvision_ssd(seed=0)
     net = as_ours(convert_weights.convert(tv.state_dict(), convert_weights.LAYOUTS["torchvision"]))
-    x = normalised(torch.rand(2, 3, 300, 300, generator=torch.Generator().manual_seed(seed)),
-                   model_input(net.config))
+    images = torch.rand(2, 3, 300, 300, generator=torch.Generator().manual_seed(0))
+    x = normalised(images, model_input(net.config))
     with torch.no_grad():
         features = list(tv.backbone(x).values())
-        theirs = tv.head(features)
-        locs, scores = net(x)
+        heads = tv.head(features)
         anchors = tv.anchor_generator(ImageList(x, [(300, 300)] * 2), features)[0]    # pixels, xyxy
-    # The same prior order: each prediction at the index of the same default box.
-    assert torch.allclose(anchors, cxcy_to_xy(net.priors_cxcy) * 300, atol=1e-4)
-    assert (locs - theirs["bbox_regression"]).abs().max() <= 1e-4
-    assert (scores - theirs["cls_logits"]).abs().max() <= 1e-4 * max(1.0, float(scores.abs().max()))
-
-
-@pytest.mark.parametrize("seed", [0, 2])
-def test_torchvision_parity_detections(seed):
-    """torchvision's own transform and post-processing against ours with its settings."""
-    tv = random_torchvision_ssd(seed)
-    net = as_ours(convert_weights.convert(tv.state_dict(), convert_weights.LAYOUTS["torchvision"]))
-    images = torch.rand(2, 3, 300, 300, generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():
         theirs = tv(list(images))        # 0-1 images: it normalises (and "resizes" 300 to 300)
-        locs, scores = net(normalised(images, model_input(net.config)))
+        locs, scores = net(x)
         boxes, labels, found = net.detect_objects(locs, scores, tv.score_thresh, tv.nms_thresh,
                                                   tv.detections_per_img, tv.topk_candidates)
+    # The same prior order: each prediction at the index of the same default box.
+    assert torch.allclose(anchors, cxcy_to_xy(net.priors_cxcy) * 300, atol=1e-4)
+    assert (locs - heads["bbox_regression"]).abs().max() <= 1e-4
+    assert (scores - heads["cls_logits"]).abs().max() <= 1e-4 * max(1.0, float(scores.abs().max()))
     assert sum(len(b) for b in boxes) > 0
     for n, their in enumerate(theirs):
         assert torch.equal(labels[n], their["labels"])
