@@ -782,6 +782,12 @@ def load_checkpoint(path, device="cpu"):
     Returns (model in eval mode on `device`, the checkpoint dict).
     """
     checkpoint = read_checkpoint(path)
+    return network_of(checkpoint, path).to(device).eval(), checkpoint
+
+
+def network_of(checkpoint, source="the checkpoint"):
+    """The SSD a checkpoint dict describes, with its weights (on the CPU, in training mode);
+    a ValueError naming `source` if they do not fit."""
     config = checkpoint["config"]
     try:
         # base_bn, model and priors are absent from checkpoints written before they existed.
@@ -791,6 +797,6 @@ def load_checkpoint(path, device="cpu"):
         net.load_state_dict(checkpoint["model"])
     except (KeyError, RuntimeError, ValueError) as e:
         described = {k: config.get(k) for k in ("n_classes", "backbone", "width", "base_bn", "model")}
-        raise ValueError(f"{path} does not match the SSD it describes (config {described}): "
+        raise ValueError(f"{source} does not match the SSD it describes (config {described}): "
                          f"{e}") from e
-    return net.to(device).eval(), checkpoint
+    return net

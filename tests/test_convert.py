@@ -19,8 +19,7 @@ import detect
 import eval as evaluation
 import train
 from datasets import model_input, to_model_input
-from model import SSD, load_checkpoint
-from priors import prior_config
+from model import load_checkpoint, network_of
 from shapes import SHAPE_CLASSES
 from utils import cxcy_to_xy
 
@@ -44,10 +43,7 @@ def normalised(images, spec):
 
 def as_ours(checkpoint):
     """The network of a converted checkpoint (a dict), as load_checkpoint rebuilds it."""
-    config = checkpoint["config"]
-    net = SSD(config["n_classes"], priors=prior_config(config), preprocessing=config["preprocessing"])
-    net.load_state_dict(checkpoint["model"])
-    return net.eval()
+    return network_of(checkpoint).eval()
 
 
 def test_torchvision_parity():
