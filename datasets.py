@@ -191,15 +191,42 @@ class PendingImage(NamedTuple):
         return self.data.dim() == 1
 
 
+def without_app1_segments(raw):
+    """A JPEG file's bytes without its APP1 segments (EXIF, XMP), as a bytearray.
+
+    TorchCodec's decoders turn the pixels by the EXIF orientation they find, by rules that
+    differ between its CPU decoder (the first APP1 segment, whatever it holds) and its CUDA
+    one (the first "Exif" segment), and cannot be told not to; the device path applies the
+    orientation Pillow reads (PendingImage.orientation), or none. Without the segments the
+    decoders turn nothing; the pixels decode the same (APP1 holds no image data).
+    """
+    out, pos = bytearray(raw[:2]), 2
+    while pos + 4 <= len(raw) and raw[pos] == 0xFF:
+        marker = raw[pos + 1]
+        if marker == 0xFF:                                    # a fill byte before a marker
+            out.append(0xFF)
+            pos += 1
+            continue
+        length = int.from_bytes(raw[pos + 2:pos + 4], "big")
+        if marker in (0xDA, 0xD9) or length < 2 or pos + 2 + length > len(raw):
+            break                                             # the scan (or damage): copied as is
+        if marker != 0xE1:
+            out += raw[pos:pos + 2 + length]
+        pos += 2 + length
+    out += raw[pos:]
+    return out
+
+
 def read_undecoded(path, annotated_size=None):
     """(data, orientation, (width, height)) of an image file for PendingImage, decoding no
     pixels when the device can: an RGB or greyscale JPEG (the header says so) comes as
-    its bytes, with the EXIF orientation load_image would apply and the size in that frame.
+    its bytes (without_app1_segments), with the EXIF orientation load_image would apply and
+    the size in that frame.
     Any other file, or a JPEG cut short (no end-of-image marker: Pillow's "truncated" error),
     is decoded here by load_image itself, so its pixels and errors are the CPU path's.
     """
     try:
-        # Python's reads (not torchvision.io.read_file), so that errors read as load_image's.
+        # Python's reads (not the decoder's), so that errors read as load_image's.
         with open(path, "rb") as file:
             raw = file.read()
     except UNREADABLE as error:
@@ -209,7 +236,7 @@ def read_undecoded(path, annotated_size=None):
             if image.format == "JPEG" and image.mode in ("RGB", "L") and raw.endswith(b"\xff\xd9"):
                 exif = uses_exif_frame(image, annotated_size)
                 orientation = image.getexif().get(ExifTags.Base.Orientation, 1) if exif else 1
-                data = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+                data = torch.frombuffer(without_app1_segments(raw), dtype=torch.uint8)
                 return data, orientation, exif_rotated_size(image) if exif else image.size
     except UNREADABLE:
         pass                              # load_image reads it again and says why, by name

@@ -156,9 +156,10 @@ def parse_args(argv=None):
                    help="data loading processes")
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cuda, cpu, ...")
     p.add_argument("--gpu-decode", action=argparse.BooleanOptionalAction, default=None,
-                   help="decode and resize the JPEGs on the device (nvJPEG; the same pixels as "
-                        "Pillow's to within a level in a few pixels): the loading processes only "
-                        "read the files. Default: on with CUDA, off otherwise")
+                   help="decode and resize the JPEGs on the device (TorchCodec's nvJPEG; the same "
+                        "pixels as Pillow's to within a level in a few pixels): the loading "
+                        "processes only read the files. Default: on with CUDA where TorchCodec "
+                        "decodes there, off otherwise")
     add_precision_arguments(p)
     p.add_argument("--min-score", type=bounded(float, 0, below=1), default=EVAL_DECODING.min_score,
                    help="class score threshold")

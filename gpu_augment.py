@@ -2,8 +2,8 @@
 
 A dataset made with decode="device" does no pixel work in its workers: each sample's image is a
 PendingImage (the file's bytes and the drawn Photometric and Geometry). `render_batch` decodes
-a batch's JPEGs on the device (nvJPEG on CUDA, whose IDCT and chroma upsampling may differ
-from Pillow's libjpeg-turbo by a level; libjpeg-turbo on the CPU: Pillow's pixels), applies the
+a batch's JPEGs on the device with TorchCodec (nvJPEG on CUDA, whose IDCT and chroma upsampling
+may differ from Pillow's libjpeg-turbo by a level; libjpeg-turbo on the CPU: Pillow's pixels), applies the
 EXIF orientation the CPU path applies, and makes each sample as `datasets.render` does:
 the visible part of the image resampled straight to its place on a mean-filled canvas, the
 colour distortion on those pixels, then the flip; normalised last.
@@ -18,13 +18,16 @@ each rounded to 8 bits as Pillow rounds between its passes, for the whole batch 
 (resize_batch). The colour steps use the lookup tables of datasets.py and Pillow's 8-bit HSV
 conversion (Convert.c), written in torch, also batched. Nothing waits for the device.
 """
+import functools
+import io
 import math
+import re
+import sys
 from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision.io
 import PIL
 from PIL import Image
 
@@ -52,13 +55,59 @@ def to_device(values, dtype, device):
     return host.to(device, non_blocking=True)
 
 
+def jpeg_decoder():
+    """TorchCodec's decode_jpeg (libjpeg-turbo on the CPU, nvJPEG on CUDA), or an ImportError in
+    one line. torchvision 0.29 deprecates its own decode_jpeg for it. Imported here, on first
+    use: the CPU path (PIL in the loader processes) runs without TorchCodec."""
+    try:
+        from torchcodec.decoders import decode_jpeg
+    except (ImportError, OSError) as error:      # OSError: its compiled library does not load
+        raise ImportError("decoding on the device needs TorchCodec, which matches torch >= 2.11 "
+                          f"(pip install torchcodec): {decoder_message(error)}") from error
+    return decode_jpeg
+
+
+def decoder_message(error):
+    """The decoder's own words of an error, without the C++ function and source line that
+    TorchCodec puts first ("read_header_and_start, /.../DecodeJpeg.cpp:208, Not a JPEG file")."""
+    text = str(error).strip()
+    return re.sub(r"^\w+, \S+:\d+, ", "", text.splitlines()[0]) if text else type(error).__name__
+
+
+@functools.lru_cache
+def device_decoding_problem(device):
+    """Why JPEGs cannot be decoded on `device` (its name), or None: TorchCodec missing, or its
+    decoder failing there (a CUDA build without nvJPEG, a CPU-only build), found by decoding an
+    8 x 8 JPEG once per process."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, "JPEG")
+    try:
+        jpeg_decoder()(torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8), device=device)
+    except ImportError as error:
+        return str(error)
+    except RuntimeError as error:
+        return f"TorchCodec cannot decode JPEGs on {device} ({decoder_message(error)})"
+    return None
+
+
+@functools.lru_cache
 def decode_place(choice, device):
     """PascalVOCDataset's `decode` for --gpu-augment / --gpu-decode: an explicit True
     ("device") or False ("cpu"), or None (auto): "device" with CUDA, where the loader
-    processes' CPUs would otherwise limit the rate, "cpu" elsewhere."""
+    processes' CPUs would otherwise limit the rate, "cpu" elsewhere. Where the device cannot
+    decode JPEGs (device_decoding_problem), auto says why in one line and takes the CPU path;
+    an explicit True raises a ValueError saying why. Once per process and setting (the
+    training run and its evaluation ask alike)."""
     on_device = torch.device(device).type == "cuda" if choice is None else choice
-    return "device" if on_device else "cpu"
-
+    if not on_device:
+        return "cpu"
+    problem = device_decoding_problem(str(device))
+    if problem is None:
+        return "device"
+    if choice:
+        raise ValueError(f"cannot decode on {device}: {problem}")
+    print(f"{problem}; the loader processes decode the images instead", file=sys.stderr)
+    return "cpu"
 
 
 def orient(pixels, orientation):
@@ -74,25 +123,24 @@ def decode(images, device):
     """PendingImages -> (list of uint8 (3, H, W) tensors on `device`, oriented as the CPU path
     loads them, None where decoding failed; the failures' messages).
 
-    One batched decode_jpeg call for the JPEGs (nvJPEG decodes a list at once); other files
+    One batched TorchCodec call for the JPEGs (nvJPEG decodes a list at once); other files
     arrive already decoded by the worker. If the batch call fails, each file is decoded alone
     to name the bad ones with the CPU path's message (datasets.cannot_read).
     """
+    decode_jpeg = jpeg_decoder()
     jpegs = [i for i, image in enumerate(images) if image.is_jpeg]
     decoded = [None if image.is_jpeg else to_device(image.data, torch.uint8, device) for image in images]
     problems = []
-    mode = torchvision.io.ImageReadMode.RGB
     try:
-        pixels = torchvision.io.decode_jpeg([images[i].data for i in jpegs], mode=mode, device=device) \
-            if jpegs else []
+        pixels = decode_jpeg([images[i].data for i in jpegs], mode="RGB", device=device) if jpegs else []
     except RuntimeError:
         pixels = []
         for i in jpegs:
             try:
-                pixels.append(torchvision.io.decode_jpeg(images[i].data, mode=mode, device=device))
+                pixels.append(decode_jpeg(images[i].data, mode="RGB", device=device))
             except RuntimeError as error:
                 pixels.append(None)
-                problems.append(str(cannot_read(images[i].path, error)))
+                problems.append(str(cannot_read(images[i].path, decoder_message(error))))
     for i, image in zip(jpegs, pixels):
         decoded[i] = None if image is None else orient(image, images[i].orientation)
     return decoded, problems

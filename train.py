@@ -89,10 +89,11 @@ def build_parser(suppress_defaults=False):
                       help="largest zoom-out ratio of the canvas's side to the image's (Caffe's "
                            "max_expand_ratio, the paper's 4; 1: no zoom out)")
     data.add_argument("--gpu-augment", action=argparse.BooleanOptionalAction, default=d(None),
-                      help="decode the JPEGs and make the augmented samples on the device (nvJPEG "
-                           "and tensor ops: the same pixels as the CPU path, to within one level "
-                           "in a few pixels); the loading processes only read the files and draw "
-                           "the augmentation. Default: on with CUDA, off otherwise")
+                      help="decode the JPEGs and make the augmented samples on the device "
+                           "(TorchCodec's nvJPEG and tensor ops: the same pixels as the CPU path, to "
+                           "within one level in a few pixels); the loading processes only read the "
+                           "files and draw the augmentation. Default: on with CUDA where TorchCodec "
+                           "decodes there, off otherwise")
     data.add_argument("--skip-bad-images", action="store_true", default=d(False),
                       help="leave out images that cannot be read, with a warning, instead of "
                            "stopping (with a checkpoint) at the first one")

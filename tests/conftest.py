@@ -17,6 +17,14 @@ TINY = ["--preset", "toy", "--width", "0.0625", "--batch-size", "4", "--workers"
         "--warmup", "2", "--print-every", "2", "--lr", "0.001", "--eval-every", "0", "--amp", "off"]
 
 
+def pytest_configure(config):
+    """Deprecations fail the suite, whoever warns (torchvision warns from its own module, so a
+    filter on our modules' names would miss it): the next one is seen at once, not when a
+    release removes what it names."""
+    for category in ("DeprecationWarning", "PendingDeprecationWarning", "FutureWarning"):
+        config.addinivalue_line("filterwarnings", f"error::{category}")
+
+
 @pytest.fixture(scope="session")
 def shapes_root(tmp_path_factory):
     """A small shapes dataset in VOC layout (60 trainval, 20 test images)."""

@@ -1,8 +1,9 @@
 """gpu_augment.py: the device path's samples against the CPU (PIL) path's, piece by piece and whole.
 
-Run on the CPU here (decode_jpeg's libjpeg-turbo gives Pillow's pixels); the same code runs on CUDA.
+Run on the CPU here (TorchCodec's libjpeg-turbo decoder gives Pillow's pixels); the same code runs on CUDA.
 """
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -310,3 +311,38 @@ def test_gpu_augment_option_has_help_and_defaults_to_auto():
     assert train.parse_config([])["gpu_augment"] is None
     assert train.parse_config(["--no-gpu-augment"])["gpu_augment"] is False
     assert "--gpu-augment" in train.build_parser().format_help()
+
+
+def test_jpeg_bytes_lose_their_exif_not_their_pixels(tmp_path):
+    """TorchCodec turns a JPEG by its EXIF orientation, with no way to say no: the worker sends
+    the bytes without APP1 segments, which decode to the stored pixels, unturned."""
+    pixels = np.random.default_rng(7).integers(0, 256, (30, 50, 3), dtype=np.uint8)
+    save_image(tmp_path / "turned.jpg", pixels, orientation=6)
+    raw = (tmp_path / "turned.jpg").read_bytes()
+    stripped = D.without_app1_segments(raw)
+    assert b"Exif" in raw and b"Exif" not in stripped and len(stripped) < len(raw)
+    with Image.open(tmp_path / "turned.jpg") as image:
+        stored = np.asarray(image.convert("RGB"))
+    decoded = G.jpeg_decoder()(torch.frombuffer(stripped, dtype=torch.uint8))
+    assert np.array_equal(decoded.permute(1, 2, 0).numpy(), stored)
+    assert G.jpeg_decoder()(torch.frombuffer(bytearray(raw), dtype=torch.uint8)).shape == (3, 50, 30)
+
+
+def test_without_torchcodec_auto_takes_the_cpu_path_and_an_explicit_choice_fails(
+        monkeypatch, capsys, shapes_lists, tmp_path):
+    monkeypatch.setitem(sys.modules, "torchcodec.decoders", None)      # import fails
+    for cached in (G.device_decoding_problem, G.decode_place):
+        cached.cache_clear()
+    try:
+        assert G.decode_place(None, torch.device("cuda")) == "cpu"
+        said = capsys.readouterr().err.strip().splitlines()
+        assert len(said) == 1 and "pip install torchcodec" in said[0] and "loader processes" in said[0]
+        with pytest.raises(ValueError, match="needs TorchCodec"):
+            G.decode_place(True, torch.device("cpu"))
+        assert train.main(TINY + ["--iterations", "1", "--data-folder", str(shapes_lists),
+                                  "--out", str(tmp_path), "--gpu-augment"]) == 2
+        error = capsys.readouterr().err.strip().splitlines()
+        assert error[-1].startswith("train.py: error: cannot decode on cpu: decoding on the device needs TorchCodec")
+    finally:
+        for cached in (G.device_decoding_problem, G.decode_place):
+            cached.cache_clear()
