@@ -20,6 +20,11 @@ Sections:
   coco        create_data_lists.py on a synthetic COCO-train2017-sized annotation file (118,287
               images, 860,001 boxes, a 16-point polygon each), JSON reading included, no image
               decoded (the image files exist, empty)
+  data        the training lists at COCO train2017's size and at 10x (1.18 M images, ~8.9 M
+              boxes), as Python objects (the layout before, COCO's size only), as flat tensors
+              from the JSON and from the memory-mapped binary form: their memory in the
+              training process, start-up (lists to first batch) and each loader worker's
+              private-memory growth over 24,000 random samples, with 2 and 8 workers (Linux)
   train       training images/s at batch 8 (on CUDA also 32 and 64, to pick the batch
               size): both bases at full width (all layers trained, and conv1_x-conv2_x frozen
               as train.py has them from ImageNet weights) and at the toy preset's, fp32 and
@@ -43,6 +48,7 @@ import contextlib
 import io
 import itertools
 import json
+import multiprocessing
 import random
 import statistics
 import tempfile
@@ -51,6 +57,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -347,6 +354,150 @@ def section_coco(device, args):
                "s", f"118,287 images, 860,001 boxes, {size_mb:.0f} MB; target < 60 s")
 
 
+# ----------------------------------------------------------------------------------------------
+# Lists at scale: memory and start-up (section data)
+
+COCO_TRAIN = (118_287, 7.5)                 # images and boxes per image (train2017: 860,001 boxes)
+PROBE_INPUT = datasets.ModelInput(32, datasets.IMAGENET_MEAN, datasets.IMAGENET_STD)  # cheap items
+
+
+def synthetic_lists(folder, n_images, boxes_per_image, seed=0):
+    """JSON lists (and the binary form create_data_lists.py writes) of n_images entries, about
+    boxes_per_image random boxes each (Poisson), every path the same 48x48 JPEG under a
+    COCO-like name. Returns seconds spent on the binary form."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    image = folder / "coco" / "train2017" / "000000391895.jpg"
+    image.parent.mkdir(parents=True)
+    Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(image)
+    counts = rng.poisson(boxes_per_image, n_images)
+    corners = np.sort(rng.uniform(0, 47.9, (int(counts.sum()), 2, 2)), axis=1).round(1)
+    corners[:, 1] += 0.1                                         # never empty
+    boxes = corners.reshape(-1, 4).tolist()
+    labels = rng.integers(1, 81, len(boxes)).tolist()
+    ends = np.concatenate([[0], counts.cumsum()]).tolist()
+    objects = [{"boxes": boxes[a:b], "labels": labels[a:b], "difficulties": [0] * (b - a), "size": [48, 48]}
+               for a, b in zip(ends[:-1], ends[1:])]
+    images = [str(image)] * n_images
+    (folder / "label_map.json").write_text(json.dumps({"background": 0, **{f"c{i}": i for i in range(1, 81)}}))
+    for name, data in (("TRAIN_images.json", images), ("TRAIN_objects.json", objects)):
+        with open(folder / name, "w") as f:
+            json.dump(data, f)
+    start = time.perf_counter()
+    datasets.ImageLists.from_json(images, objects).save(
+        folder / "TRAIN_lists.pt", datasets.lists_fingerprint([folder / "TRAIN_images.json", folder / "TRAIN_objects.json"]))
+    return time.perf_counter() - start
+
+
+class PythonObjectLists(torch.utils.data.Dataset):
+    """For reference, the layout before ImageLists: the JSON lists kept as Python objects (a
+    dict per image, a list per box), each item built from them."""
+
+    def __init__(self, folder, model_input):
+        self.images = json.loads((Path(folder) / "TRAIN_images.json").read_text())
+        self.objects = json.loads((Path(folder) / "TRAIN_objects.json").read_text())
+        self.model_input = model_input
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        entry = self.objects[i]
+        image = datasets.load_image(self.images[i], entry["size"])
+        boxes = torch.tensor(entry["boxes"], dtype=torch.float32).reshape(-1, 4)
+        return datasets.eval_transform(image, boxes, torch.tensor(entry["labels"]),
+                                       torch.tensor(entry["difficulties"], dtype=torch.bool), self.model_input)
+
+
+def memory_kib(pid="self", fields=("Rss",)):
+    """The sum of these fields of /proc/PID/smaps_rollup, in KiB (Linux)."""
+    values = dict(line.split(":") for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:])
+    return sum(int(values[field].split()[0]) for field in fields)
+
+
+def private_kib(pid):
+    """A process's unique set size (USS): the pages no other process maps."""
+    return memory_kib(pid, ("Private_Clean", "Private_Dirty"))
+
+
+def lists_probe(folder, layout, workers, samples_per_worker, gc_frozen, results):
+    """In a fresh process: the lists' memory, start-up (lists to first batch), and each loader
+    worker's private-memory growth over samples_per_worker random samples (put into `results`)."""
+    torch.set_num_threads(1)
+    before = memory_kib()
+    start = time.perf_counter()
+    dataset = (PythonObjectLists(folder, PROBE_INPUT) if layout == "python" else
+               datasets.PascalVOCDataset(folder, "train", augment=False, model_input=PROBE_INPUT))
+    ready = time.perf_counter() - start
+    lists_mib = (memory_kib() - before) / 1024
+    batch = 64
+    order = torch.randint(len(dataset), (workers * samples_per_worker,), generator=torch.Generator().manual_seed(0))
+    # Forked, as train.py's workers are on Linux (this spawned process would spawn them), and
+    # started as train.py starts them (datasets.start_loading), or with gc_frozen False plainly.
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=order.tolist(), num_workers=workers,
+                                         collate_fn=datasets.collate_fn, multiprocessing_context="fork")
+    loader = datasets.start_loading(loader) if gc_frozen else iter(loader)
+    next(loader)
+    first_batch = time.perf_counter() - start
+    pids = [child.pid for child in multiprocessing.active_children()]
+    early = [private_kib(pid) for pid in pids]
+    for _ in range(-(-len(order) // batch) - 2):
+        next(loader)
+    late = [private_kib(pid) for pid in pids]          # before the last batch: workers still there
+    results.put(dict(ready=ready, first_batch=first_batch, lists_mib=lists_mib,
+                     growth_mib=max(b - a for a, b in zip(early, late)) / 1024,
+                     private_mib=max(late) / 1024))
+
+
+def probe_lists(folder, layout, workers, samples_per_worker, gc_frozen=True):
+    """lists_probe in a spawned (fresh) interpreter; its results."""
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    process = context.Process(target=lists_probe, args=(folder, layout, workers, samples_per_worker, gc_frozen, results))
+    process.start()
+    process.join()
+    if process.exitcode:
+        raise RuntimeError(f"the {layout} probe of {folder} failed (exit status {process.exitcode})")
+    return results.get()
+
+
+def offer_binary_form(folder, offered):
+    """Put the binary form of the lists in `folder` where the dataset looks for it, or aside."""
+    there, aside = folder / "TRAIN_lists.pt", folder / "binary.pt"
+    if offered and aside.exists():
+        aside.rename(there)
+    elif not offered and there.exists():
+        there.rename(aside)
+
+
+def section_data(device, args):
+    samples = 24_000
+    labels = {("python", False): "Python objects, workers started plainly (before)",
+              ("binary", False): "flat tensors, binary form, workers started plainly",
+              ("json", True): "flat tensors read from the JSON",
+              ("binary", True): "flat tensors, binary form memory-mapped"}
+    for scale, probes in ((1, (("python", False), ("binary", False), ("json", True), ("binary", True))),
+                          (10, (("json", True), ("binary", True)))):
+        n = COCO_TRAIN[0] * scale
+        name = "COCO train2017" if scale == 1 else f"{scale}x COCO train2017"
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp) / "lists"
+            binary_s = synthetic_lists(folder, n, COCO_TRAIN[1])
+            report("data", f"{name}: writing the binary form", binary_s, "s",
+                   f"{n:,} images; TRAIN_lists.pt {(folder / 'TRAIN_lists.pt').stat().st_size / 2 ** 20:.0f} MiB")
+            for layout, gc_frozen in probes:
+                offer_binary_form(folder, layout == "binary")
+                for workers in (2, 8):
+                    r = probe_lists(folder, layout, workers, samples, gc_frozen)
+                    where = f"{name}, {labels[layout, gc_frozen]}, {workers} workers"
+                    report("data", f"{where}: lists in the training process", r["lists_mib"], "MiB",
+                           f"RSS after reading them, less before; ready in {r['ready']:.1f} s")
+                    report("data", f"{where}: start-up, lists to first batch", r["first_batch"], "s")
+                    report("data", f"{where}: a worker's private memory growth", r["growth_mib"], "MiB",
+                           f"USS, largest of the workers, over {samples:,} random samples each; "
+                           f"{r['private_mib']:.0f} MiB at the end")
+
+
 def step_rate(device, batch, backbone, width, dtype, fmt, repeats, n_classes=21, **config):
     """Training images/s of whole steps (forward, loss, backward, optimiser) on a synthetic
     batch, no data loading; config: train.py settings for the network and optimiser."""
@@ -533,7 +684,8 @@ def section_deploy(device, args):
 
 
 SECTIONS = dict(model=section_model, loss=section_loss, detect=section_detect,
-                transforms=section_transforms, map=section_map, coco=section_coco, train=section_train,
+                transforms=section_transforms, map=section_map, coco=section_coco, data=section_data,
+                train=section_train,
                 pipeline=section_pipeline, eval=section_eval, deploy=section_deploy)
 
 

@@ -23,7 +23,10 @@ Writes to the output folder: TRAIN_images.json / TEST_images.json (absolute imag
 TRAIN_objects.json / TEST_objects.json (per image: boxes [[x1, y1, x2, y2], ...] in continuous
 pixel coordinates, labels, difficulties 0/1, and size [width, height] of the annotated frame),
 and label_map.json (class name -> index, "background": 0); with --test-fraction, split.json
-(the settings and the images of each side).
+(the settings and the images of each side). Beside each split's JSON, <SPLIT>_lists.pt holds the
+same lists as a few flat tensors, which the training and evaluation datasets memory-map (at
+COCO's size and beyond, parsing the JSON takes most of a run's start-up), as long as the JSON
+has not changed since.
 """
 import argparse
 import json
@@ -39,7 +42,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from datasets import DataError, exif_rotated_size, load_image, uses_exif_frame
+from datasets import DataError, ImageLists, exif_rotated_size, lists_fingerprint, load_image, uses_exif_frame
 from shapes import SHAPE_CLASSES, make_shapes_dataset
 from utils import atomic_write_json, bounded, writable_folder
 
@@ -283,9 +286,14 @@ def write_lists(splits, output_folder, classes=None, skip_unknown=False, extra_o
         skipped = unknown_classes(annotations, label_map)[0]
         summary[split] = split_summary(entries, label_map, skipped, bad_boxes)
 
-    Path(output_folder).mkdir(parents=True, exist_ok=True)
+    folder = Path(output_folder)
+    folder.mkdir(parents=True, exist_ok=True)
     for name, data in outputs.items():
-        atomic_write_json(Path(output_folder) / name, data)
+        atomic_write_json(folder / name, data)
+    for split in splits:          # the binary form, after the JSON it is made from (see ImageLists)
+        sources = [folder / f"{split}_images.json", folder / f"{split}_objects.json"]
+        ImageLists.from_json(*(outputs[source.name] for source in sources)).save(
+            folder / f"{split}_lists.pt", lists_fingerprint(sources))
     return summary
 
 

@@ -13,8 +13,12 @@ or on the training device (decode="device", gpu_augment.py). Its randomness depe
 order in which samples are drawn.
 """
 import contextlib
+import gc
+import hashlib
 import io
+import itertools
 import json
+import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -24,6 +28,7 @@ from PIL import ExifTags, Image, ImageOps
 from torchvision.ops import box_iou
 
 from priors import prior_config
+from utils import atomic_torch_save
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # RGB, on 0-1 images
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -633,7 +638,7 @@ def eval_transform(image, boxes, labels, difficulties, model_input=DEFAULT_INPUT
 
 
 # ----------------------------------------------------------------------------------------------
-# Dataset
+# The lists: create_data_lists.py's JSON, held as a few flat tensors
 
 
 def _read_json(path):
@@ -644,6 +649,228 @@ def _read_json(path):
         raise DataError(f"{path} not found; run create_data_lists.py to create it") from error
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise DataError(f"{path} is not valid JSON ({error})") from error
+
+
+def lists_fingerprint(paths):
+    """A digest of the files' bytes: what the binary form of the lists was made from."""
+    digest = hashlib.blake2b(digest_size=16)
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+        except FileNotFoundError as error:
+            raise DataError(f"{path} not found; run create_data_lists.py to create it") from error
+    return digest.hexdigest()
+
+
+LISTS_FORMAT = 1       # of the binary form, <SPLIT>_lists.pt
+
+
+class ImageLists:
+    """One split's lists as a few flat tensors, with no Python object per image or per box.
+
+    DataLoader workers are forked from the training process and share its memory until they
+    write to it. Reading a Python object writes its reference count, so lists held as Python
+    objects (a dict per image, a list per box) are copied into each worker page by page as it
+    samples them: about 100 MiB per worker at COCO's size, a full copy per worker and rank in
+    the end. A tensor is one object whose data pages are only read. Fields:
+
+        paths         uint8 (bytes,)   the image paths, UTF-8, one after another
+        path_ends     int64 (n + 1,)   path i is paths[path_ends[i]:path_ends[i + 1]]
+        boxes         float32 (m, 4)   x1, y1, x2, y2 in pixels of the annotated frame, image after image
+        labels        int32 (m,)
+        difficulties  bool (m,)
+        box_ends      int64 (n + 1,)   image i's objects are rows box_ends[i]:box_ends[i + 1]
+        sizes         int32 (n, 2)     the annotated frame's width and height; 0, 0 where not recorded
+
+    read() prefers the binary form that create_data_lists.py writes beside the JSON
+    (<SPLIT>_lists.pt: these tensors, memory-mapped, so that the ranks on a machine share one
+    copy and start in a second) while it matches the JSON's bytes; the JSON is the documented form.
+    """
+
+    FIELDS = ("paths", "path_ends", "boxes", "labels", "difficulties", "box_ends", "sizes")
+
+    def __init__(self, paths, path_ends, boxes, labels, difficulties, box_ends, sizes):
+        self.paths, self.path_ends = paths, path_ends
+        self.boxes, self.labels, self.difficulties, self.box_ends = boxes, labels, difficulties, box_ends
+        self.sizes = sizes
+
+    def __len__(self):
+        return len(self.path_ends) - 1
+
+    def path(self, i):
+        start, end = self.path_ends[i:i + 2].tolist()
+        return bytes(self.paths[start:end].numpy()).decode()
+
+    def objects(self, i):
+        """Image i's (boxes (k, 4) float32 pixels, labels (k,) int64, difficulties (k,) bool),
+        copies (the caller may change them)."""
+        start, end = self.box_ends[i:i + 2].tolist()
+        return self.boxes[start:end].clone(), self.labels[start:end].long(), self.difficulties[start:end].clone()
+
+    def size(self, i):
+        """Image i's annotated (width, height), or None where the lists do not record it."""
+        width, height = self.sizes[i].tolist()
+        return (width, height) if width > 0 else None
+
+    def per_image(self):
+        """(boxes, labels, difficulties), each a list of one tensor per image, as objects() gives."""
+        counts = self.box_ends.diff().tolist()
+        return tuple(list(t.split(counts)) for t in (self.boxes, self.labels.long(), self.difficulties))
+
+    # ------------------------------------------------------------------ from and to files
+
+    @classmethod
+    def read(cls, data_folder, split):
+        """The lists of `split` ("TRAIN" or "TEST") in `data_folder`: the binary form if it
+        matches the JSON, else the JSON (saying why the binary form was not used)."""
+        folder = Path(data_folder)
+        images, objects = folder / f"{split}_images.json", folder / f"{split}_objects.json"
+        binary = folder / f"{split}_lists.pt"
+        lists = cls._load(binary, lists_fingerprint([images, objects])) if binary.is_file() else None
+        if lists is None:
+            lists = cls.from_json(_read_json(images), _read_json(objects), images, objects)
+        return lists
+
+    @classmethod
+    def _load(cls, path, fingerprint):
+        """The binary form at `path`, memory-mapped, or None (and a line saying why) where it is
+        unreadable or was made from other JSON lists (edited since: the JSON wins)."""
+        try:
+            saved = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            usable = saved.get("format") == LISTS_FORMAT and all(
+                isinstance(saved.get(name), torch.Tensor) for name in cls.FIELDS)
+        except Exception as error:                  # torch.load's many ways to fail on a bad file
+            print(f"{path}: unreadable ({type(error).__name__}); reading the JSON lists instead",
+                  file=sys.stderr)
+            return None
+        if not usable or saved.get("fingerprint") != fingerprint:
+            print(f"{path} was made from other JSON lists (edited since?); reading the JSON lists "
+                  "instead (create_data_lists.py writes both again)", file=sys.stderr)
+            return None
+        return cls(**{name: saved[name] for name in cls.FIELDS})
+
+    def save(self, path, fingerprint):
+        """The binary form, written atomically; `fingerprint`: lists_fingerprint of the JSON files."""
+        atomic_torch_save({"format": LISTS_FORMAT, "fingerprint": fingerprint,
+                           **{name: getattr(self, name) for name in self.FIELDS}}, path)
+
+    @classmethod
+    def from_json(cls, images, objects, images_source="images", objects_source="objects"):
+        """The JSON lists as read (a list of paths; a list of {"boxes": [[x1, y1, x2, y2], ...],
+        "labels": [...], "difficulties": [...], "size": [w, h] (optional)}) -> ImageLists,
+        or a DataError naming the file and the first malformed entry. Values are checked by
+        check(). Built column by column, never entry by entry, so that 10 million boxes take
+        seconds."""
+        if not isinstance(images, list) or not isinstance(objects, list) or len(images) != len(objects):
+            raise DataError(f"{images_source} and {objects_source} must be lists of equal length")
+        bad = next((i for i, path in enumerate(images) if not isinstance(path, str)), None)
+        if bad is not None:
+            raise DataError(f"{images_source}: entry {bad} is not a path: {images[bad]!r}")
+
+        def entry_error(test, what):
+            """The DataError for the first entry that fails `test`."""
+            i = next((i for i, entry in enumerate(objects) if not _passes(test, entry)), None)
+            return DataError(f"{objects_source}: " + ("" if i is None else f"entry {i} ({images[i]}): ") + what)
+
+        keys = ("boxes", "labels", "difficulties")
+        try:
+            counts = np.array([[len(entry[key]) for key in keys] for entry in objects], np.int64).reshape(-1, 3)
+        except (TypeError, KeyError):
+            raise entry_error(lambda e: all(isinstance(e[k], list) for k in keys),
+                              "needs lists of boxes, labels and difficulties") from None
+        unequal = np.flatnonzero(counts.min(1) != counts.max(1))
+        if len(unequal):
+            i = int(unequal[0])
+            raise DataError(f"{objects_source}: entry {i} ({images[i]}): {counts[i, 0]} boxes, "
+                            f"{counts[i, 1]} labels and {counts[i, 2]} difficulties")
+        checks = {"boxes": ((4,), lambda e: all(_numbers(box, 4) for box in e["boxes"]), "a box is not four numbers"),
+                  "labels": ((), lambda e: _numbers(e["labels"]), "a label is not a number"),
+                  "difficulties": ((), lambda e: _numbers(e["difficulties"]), "a difficulty is not a number")}
+        columns = {}
+        for key, (shape, test, what) in checks.items():
+            try:
+                values = np.array(list(itertools.chain.from_iterable(entry[key] for entry in objects)),
+                                  dtype=np.float64)
+            except (TypeError, ValueError):                 # ragged boxes, strings, None
+                raise entry_error(test, what) from None
+            values = values.reshape(0, *shape) if values.size == 0 else values
+            if values.shape[1:] != shape:
+                raise entry_error(test, what)
+            columns[key] = values
+        object_entry = np.repeat(np.arange(len(objects)), counts[:, 0])
+        for key, wrong, what in (
+                ("labels", columns["labels"] != np.round(columns["labels"]), "a label is not an integer"),
+                ("difficulties", ~np.isin(columns["difficulties"], (0, 1)), "a difficulty is not 0 or 1")):
+            if wrong.any():
+                i = int(object_entry[np.flatnonzero(wrong)[0]])
+                raise DataError(f"{objects_source}: entry {i} ({images[i]}): {what}")
+        try:
+            sizes = np.array([entry.get("size") or (0, 0) for entry in objects], np.float64).reshape(-1, 2)
+            if not ((sizes == np.round(sizes)) & (sizes >= 0) & (sizes < 2 ** 31)).all():
+                raise ValueError
+        except (TypeError, ValueError):
+            raise entry_error(lambda e: not e.get("size") or (_numbers(e["size"], 2) and all(
+                v == int(v) and v > 0 for v in e["size"])), "size is not [width, height]") from None
+        encoded = [path.encode() for path in images]
+        return cls(paths=torch.from_numpy(np.frombuffer(b"".join(encoded), np.uint8).copy()),
+                   path_ends=torch.from_numpy(np.cumsum([0] + [len(e) for e in encoded], dtype=np.int64)),
+                   boxes=torch.from_numpy(columns["boxes"].astype(np.float32)),
+                   labels=torch.from_numpy(columns["labels"].clip(-1, 2 ** 31 - 1).astype(np.int32)),
+                   difficulties=torch.from_numpy(columns["difficulties"].astype(bool)),
+                   box_ends=torch.from_numpy(np.concatenate([[0], counts[:, 0].cumsum()])),
+                   sizes=torch.from_numpy(sizes.astype(np.int32)))
+
+    def check(self, label_map, source):
+        """A DataError unless every label is a class of label_map (not background) and every box
+        is finite, not empty (x1 < x2, y1 < y2) and inside its recorded image size: one line
+        naming the first bad object's list entry and image, and how many more there are."""
+        classes = torch.tensor(sorted(set(label_map.values()) - {0}), dtype=torch.int32)
+        image = torch.repeat_interleave(torch.arange(len(self)), self.box_ends.diff())
+        size = self.sizes[image].float().repeat(1, 2)                           # (m, 4): w, h, w, h
+        x1, y1, x2, y2 = self.boxes.unbind(1)
+        problems = (
+            (~torch.isin(self.labels, classes), lambda j: f"label {self.labels[j].item()} is not a "
+             f"class of label_map.json (1..{classes.max().item() if len(classes) else 0})"),
+            (~self.boxes.isfinite().all(1), lambda j: f"box {self.boxes[j].tolist()} is not finite"),
+            ((x2 <= x1) | (y2 <= y1), lambda j: f"box {self.boxes[j].tolist()} is empty or inverted "
+             "(x1 < x2 and y1 < y2 are needed)"),
+            (((self.boxes < 0) | (self.boxes > size)).any(1) & (size[:, 0] > 0),
+             lambda j: f"box {self.boxes[j].tolist()} lies outside the recorded "
+                       f"{self.sizes[image[j], 0].item()}x{self.sizes[image[j], 1].item()} image"))
+        bad = torch.zeros(len(self.labels), dtype=torch.bool)
+        first = None
+        for mask, describe in problems:
+            if first is None and mask.any():
+                j = int(mask.nonzero()[0])
+                first = (j, describe(j))
+            bad |= mask
+        if first is None:
+            return
+        j, what = first
+        i = int(image[j])
+        count = int(bad.sum())
+        total = f" ({count} bad objects in {len(image[bad].unique())} entries in all)" if count > 1 else ""
+        raise DataError(f"{source}: entry {i} ({self.path(i)}), object {j - int(self.box_ends[i])}: "
+                        f"{what}{total}. Correct the lists, or write them again with create_data_lists.py")
+
+
+def _numbers(values, length=None):
+    """Whether `values` is a list of numbers (of `length`, if given)."""
+    return (isinstance(values, list) and (length is None or len(values) == length)
+            and all(isinstance(v, (int, float)) for v in values))
+
+
+def _passes(test, entry):
+    try:
+        return bool(test(entry))
+    except (TypeError, KeyError, ValueError, AttributeError):
+        return False
+
+
+# ----------------------------------------------------------------------------------------------
+# Dataset
 
 
 def load_label_map(data_folder):
@@ -680,8 +907,8 @@ class PascalVOCDataset(torch.utils.data.Dataset):
 
     Items are (image (3, S, S) float32 normalised as model_input says (S = model_input.size),
     boxes (n, 4) float32 fractional x1y1x2y2, labels (n,) int64, difficulties (n,) bool).
-    `images`, `objects` (pixel boxes, as in the JSON) and `label_map` are the raw lists, for
-    evaluation.
+    `lists` (an ImageLists: paths, pixel boxes, labels, difficulties and sizes as the lists
+    hold them, checked when read) and `label_map` are the raw lists, for evaluation.
 
     crop: the training crop's policy, "caffe" (the paper's) or "one-sampler" (see crop_window);
     zoom_out: the largest zoom-out ratio (the paper's 4; 1 for none).
@@ -702,13 +929,9 @@ class PascalVOCDataset(torch.utils.data.Dataset):
         data_folder = Path(data_folder)
         if not data_folder.is_dir():
             raise DataError(f"data folder {data_folder} does not exist; run create_data_lists.py first")
-        self.images = _read_json(data_folder / f"{split}_images.json")
-        self.objects = _read_json(data_folder / f"{split}_objects.json")
-        if not isinstance(self.images, list) or not isinstance(self.objects, list) \
-                or len(self.images) != len(self.objects):
-            raise DataError(f"{data_folder}: {split}_images.json and {split}_objects.json "
-                            "must be lists of equal length")
+        self.lists = ImageLists.read(data_folder, split)
         self.label_map = load_label_map(data_folder)
+        self.lists.check(self.label_map, data_folder / f"{split}_objects.json")
         self.keep_difficult = keep_difficult
         self.seed = seed
         self.augment = split == "TRAIN" if augment is None else augment
@@ -735,20 +958,18 @@ class PascalVOCDataset(torch.utils.data.Dataset):
         return int(self._epoch)
 
     def __len__(self):
-        return len(self.images)
+        return len(self.lists)
 
     def __getitem__(self, index):
-        objects = self.objects[index]
-        read = read_undecoded if self.decode == "device" else load_image
+        index = range(len(self))[index]                  # negative indices; IndexError past the end
+        path, size = self.lists.path(index), self.lists.size(index)
         try:
-            image = read(self.images[index], objects.get("size"))
+            image = self._read(path, size)
         except DataError as error:
             if self.on_error == "raise":
                 raise
             return BadSample(index, str(error))
-        boxes = torch.tensor(objects["boxes"], dtype=torch.float32).reshape(-1, 4)
-        labels = torch.tensor(objects["labels"], dtype=torch.int64)
-        difficulties = torch.tensor(objects["difficulties"], dtype=torch.bool)
+        boxes, labels, difficulties = self.lists.objects(index)
         if not self.keep_difficult:
             easy = ~difficulties
             boxes, labels, difficulties = boxes[easy], labels[easy], difficulties[easy]
@@ -766,8 +987,23 @@ class PascalVOCDataset(torch.utils.data.Dataset):
         else:   # eval_transform's sample: the whole image resized, no colour change
             drawn = Augmentation(NO_PHOTOMETRIC, whole_image(size, self.model_input.size),
                                  fractions_of(size, boxes), labels, difficulties)
-        pending = PendingImage(self.images[index], data, orientation, drawn.photometric, drawn.geometry)
+        pending = PendingImage(path, data, orientation, drawn.photometric, drawn.geometry)
         return pending, drawn.boxes, drawn.labels, drawn.difficulties
+
+    def _read(self, path, size):
+        """The image at `path` (PIL, or read_undecoded's tuple with decode="device"), in the frame
+        of `size`, the size the lists record (if any): a DataError if it has another size (the
+        file changed since the lists were made), whose boxes would land elsewhere."""
+        if self.decode == "device":
+            image = read_undecoded(path, size)
+            actual = image[2]
+        else:
+            image = load_image(path, size)
+            actual = image.size
+        if size is not None and tuple(actual) != tuple(size):
+            raise DataError(f"{path}: the image is {actual[0]}x{actual[1]}, but the lists record "
+                            f"{size[0]}x{size[1]} (the file changed since create_data_lists.py ran?)")
+        return image
 
     @contextlib.contextmanager
     def _sample_rng(self, index):
@@ -775,6 +1011,20 @@ class PascalVOCDataset(torch.utils.data.Dataset):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed(self.seed, self.epoch, index))
             yield
+
+
+def start_loading(loader):
+    """iter(loader), its worker processes forked while Python's objects are frozen out of
+    garbage collection (gc.freeze). A forked worker shares the training process's memory until
+    it writes to it, and a full collection in the worker writes to every object it inherited
+    (their collector headers): it copies every page of them, about 80 MiB per worker here at
+    its first full collection (tests/test_data.py and benchmark.py's data section measure it).
+    Frozen objects are never collected in the worker; the training process unfreezes at once."""
+    gc.freeze()
+    try:
+        return iter(loader)
+    finally:
+        gc.unfreeze()
 
 
 def collate_fn(batch):

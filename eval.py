@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from datasets import DataError, PascalVOCDataset, check_same_classes, collate_fn, model_input
+from datasets import DataError, PascalVOCDataset, check_same_classes, collate_fn, model_input, start_loading
 from gpu_augment import decode_place, render_batch
 from metrics import coco_metrics, mean_average_precision, precision_recall_curves
 from model import load_checkpoint
@@ -46,7 +46,8 @@ def predict(net, dataset, device, batch_size=32, workers=2, amp_dtype=None,
                                          num_workers=workers, pin_memory=device.type == "cuda")
     dets = {"boxes": [], "labels": [], "scores": []}
     truth = {"boxes": [], "labels": [], "difficulties": []}
-    for batch in tqdm(loader, desc="evaluate", disable=not progress, leave=False, dynamic_ncols=True):
+    for batch in tqdm(start_loading(loader), total=len(loader), desc="evaluate", disable=not progress,
+                      leave=False, dynamic_ncols=True):
         if not isinstance(batch.images, torch.Tensor):            # a decode="device" dataset
             batch = render_batch(batch, device, memory_format, dataset.model_input)
         images, boxes, labels, difficulties, problems = batch
@@ -98,16 +99,13 @@ def evaluate(net, dataset, device, batch_size=32, workers=2, amp_dtype=None,
 def coco_inputs(dets, dataset):
     """coco_metrics' arguments but n_classes: the (fractional) detections scaled to the pixels
     of their images, the objects as the lists hold them (pixels), and the image sizes."""
-    if any("size" not in objects for objects in dataset.objects):
+    lists = dataset.lists
+    if (lists.sizes == 0).any():
         raise DataError("the COCO metrics need each image's size, which lists written before "
                         "create_data_lists.py recorded it lack: write the lists again")
-    sizes = [objects["size"] for objects in dataset.objects]
-    scales = torch.tensor(sizes, dtype=torch.float32).repeat(1, 2)      # (N, 4): w, h, w, h
+    scales = lists.sizes.float().repeat(1, 2)                            # (N, 4): w, h, w, h
     boxes = [b * scale for b, scale in zip(dets["boxes"], scales)]
-    truth = [[torch.tensor(objects[key]) for objects in dataset.objects]
-             for key in ("boxes", "labels", "difficulties")]
-    truth[2] = [t.bool() for t in truth[2]]
-    return (boxes, dets["labels"], dets["scores"], *truth, sizes)
+    return (boxes, dets["labels"], dets["scores"], *lists.per_image(), lists.sizes.tolist())
 
 
 def print_table(result):

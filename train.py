@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from datasets import (CROP_POLICIES, ZOOM_OUT_MAX, DataError, PascalVOCDataset, check_same_classes,
-                      collate_fn, model_input)
+                      collate_fn, model_input, start_loading)
 from gpu_augment import decode_place, render_batch
 from model import FREEZE_CHOICES, MODELS, SSD, MultiBoxLoss, load_for_new_classes, read_checkpoint
 from priors import PRIOR_CONFIGS, as_plain_dict, prior_config
@@ -253,7 +253,7 @@ def batches(loader, sampler, dataset, iteration):
     sampler.set_position(iteration)
     while True:
         dataset.set_epoch(sampler.epoch)
-        yield from loader
+        yield from start_loading(loader)
         sampler.epoch, sampler.start_batch = sampler.epoch + 1, 0
 
 

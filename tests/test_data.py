@@ -1,6 +1,8 @@
 """Tests of create_data_lists.py (parsing, checks, errors) and datasets.py (dataset, augmentation, shapes)."""
+import gc
 import itertools
 import json
+import types
 
 import numpy as np
 import pytest
@@ -560,12 +562,13 @@ def test_dataset_items_and_collate(shapes_lists):
     assert len(dataset) == 20 and not dataset.augment and dataset.label_map["circle"] == 1
     image, boxes, labels, difficulties = dataset[0]
     assert image.shape == (3, 300, 300) and image.dtype == torch.float32
-    raw = dataset.objects[0]
+    raw = json.loads((shapes_lists / "TEST_objects.json").read_text())[0]
+    path = json.loads((shapes_lists / "TEST_images.json").read_text())[0]
     width, height = raw["size"]
     expected = torch.tensor(raw["boxes"]) / torch.tensor([width, height, width, height])
     assert torch.allclose(boxes, expected) and labels.tolist() == raw["labels"]
     assert difficulties.tolist() == [bool(d) for d in raw["difficulties"]]
-    pixels = np.asarray(Image.open(dataset.images[0]).convert("RGB").resize((300, 300), Image.BILINEAR))
+    pixels = np.asarray(Image.open(path).convert("RGB").resize((300, 300), Image.BILINEAR))
     mean, std = np.array(D.IMAGENET_MEAN) * 255, np.array(D.IMAGENET_STD) * 255
     assert np.allclose(image.permute(1, 2, 0).numpy(), (pixels - mean) / std, atol=1e-4)
 
@@ -681,6 +684,112 @@ def test_missing_or_malformed_lists_are_clear_errors(shapes_lists, tmp_path):
     (tmp_path / "TRAIN_objects.json").write_text("[]")
     with pytest.raises(DataError, match=r"label_map\.json is not valid JSON"):
         PascalVOCDataset(tmp_path, "train")
+
+
+def random_lists(folder, n, seed=0):
+    """Lists of n images (JPEGs of random sizes, some names not ASCII) with 0-5 random objects
+    each, a tenth without a recorded size, in `folder`; returns (images, objects) as written."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    images, objects = [], []
+    for i in range(n):
+        size = [int(v) for v in rng.integers(20, 90, size=2)]
+        images.append(str(folder / (f"bild_ä_{i}.jpg" if i % 3 == 0 else f"{i}.jpg")))
+        save_jpeg(images[-1], size, seed=i)
+        corners = np.sort(rng.uniform(0, 1, (int(rng.integers(0, 6)), 2, 2)), axis=1) * size
+        objects.append({"boxes": corners.reshape(-1, 4).tolist(),
+                        "labels": rng.integers(1, 4, len(corners)).tolist(),
+                        "difficulties": rng.integers(0, 2, len(corners)).tolist()})
+        if i % 10:
+            objects[-1]["size"] = size
+    (folder / "label_map.json").write_text(json.dumps({"background": 0, "a": 1, "b": 2, "c": 3}))
+    (folder / "TRAIN_images.json").write_text(json.dumps(images))
+    (folder / "TRAIN_objects.json").write_text(json.dumps(objects))
+    return images, objects
+
+
+def test_the_datasets_items_are_the_json_lists_from_either_form(tmp_path, monkeypatch, capsys):
+    """Paths, boxes, labels, difficulties and sizes as the JSON has them, whether the dataset
+    read the JSON or the binary form create_data_lists.py writes beside it; the binary form only
+    while it matches the JSON."""
+    images, objects = random_lists(tmp_path, 40)
+
+    def check(dataset, images, objects):
+        for i, (pending, boxes, labels, difficulties) in enumerate(dataset):
+            size = objects[i].get("size") or Image.open(images[i]).size
+            assert pending.path == images[i] and dataset.lists.size(i) == (tuple(objects[i]["size"])
+                                                                           if "size" in objects[i] else None)
+            expected = torch.tensor(objects[i]["boxes"], dtype=torch.float32).reshape(-1, 4)
+            assert torch.allclose(boxes * torch.tensor(size * 2), expected, atol=1e-4)
+            assert labels.tolist() == objects[i]["labels"]
+            assert difficulties.tolist() == [bool(d) for d in objects[i]["difficulties"]]
+
+    from_json = PascalVOCDataset(tmp_path, "train", augment=False, decode="device")
+    check(from_json, images, objects)
+    sources = [tmp_path / "TRAIN_images.json", tmp_path / "TRAIN_objects.json"]
+    D.ImageLists.from_json(images, objects).save(tmp_path / "TRAIN_lists.pt", D.lists_fingerprint(sources))
+    with monkeypatch.context() as patched:                      # the JSON is not parsed at all
+        patched.setattr(D.ImageLists, "from_json", None)
+        binary = PascalVOCDataset(tmp_path, "train", augment=False, decode="device")
+    assert all(torch.equal(getattr(binary.lists, f), getattr(from_json.lists, f)) for f in D.ImageLists.FIELDS)
+    check(binary, images, objects)
+    assert capsys.readouterr().err == ""
+    objects[7]["labels"][0] = 3 - objects[7]["labels"][0] % 3        # edited after the binary form
+    objects[7]["difficulties"] = [1 - d for d in objects[7]["difficulties"]]
+    sources[1].write_text(json.dumps(objects))
+    check(PascalVOCDataset(tmp_path, "train", augment=False, decode="device"), images, objects)
+    assert "made from other JSON lists" in capsys.readouterr().err
+    (tmp_path / "TRAIN_lists.pt").write_bytes(b"not a zip file")
+    check(PascalVOCDataset(tmp_path, "train", augment=False, decode="device"), images, objects)
+    assert "TRAIN_lists.pt: unreadable" in capsys.readouterr().err
+
+
+def held_objects(root):
+    """How many gc-tracked objects `root` reaches (classes, modules and functions aside)."""
+    skip = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.MethodType)
+    seen, stack = set(), [root]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen or isinstance(obj, skip):
+            continue
+        seen.add(id(obj))
+        stack += [child for child in gc.get_referents(obj) if gc.is_tracked(child)]
+    return len(seen)
+
+
+def test_the_dataset_holds_no_python_object_per_image(tmp_path):
+    """The lists live in a few tensors, so forked loader workers share their pages (a Python
+    object per image or box would be copied into each worker as its reference count changes):
+    as many objects for 1,000 images as for 10."""
+    counts = []
+    for n in (10, 1000):
+        folder = tmp_path / str(n)
+        folder.mkdir()
+        entry = {"boxes": [[1, 2, 10, 12], [3, 3, 5, 9]], "labels": [1, 1], "difficulties": [0, 1], "size": [20, 20]}
+        (folder / "label_map.json").write_text(json.dumps({"background": 0, "thing": 1}))
+        (folder / "TRAIN_images.json").write_text(json.dumps([f"/images/{i}.jpg" for i in range(n)]))
+        (folder / "TRAIN_objects.json").write_text(json.dumps([entry] * n))
+        counts.append(held_objects(PascalVOCDataset(folder, "train")))
+    assert counts[0] == counts[1] and counts[0] < 100, counts
+
+
+class FreezeCount(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, index):
+        return gc.get_freeze_count()
+
+
+def test_loader_workers_start_with_the_inherited_objects_frozen():
+    """A worker's full garbage collection would write to every object it inherited and so copy
+    every page of them (about 80 MiB per worker, benchmark.py data): start_loading forks the
+    workers with those objects frozen out of collection, and unfreezes the training process."""
+    loader = torch.utils.data.DataLoader(FreezeCount(), batch_size=2, num_workers=1,
+                                         multiprocessing_context="fork")
+    in_worker = next(D.start_loading(loader))
+    assert int(in_worker.min()) > 1000 and gc.get_freeze_count() == 0
+    assert int(next(iter(loader)).max()) == 0                       # without it, nothing is frozen
 
 
 # ----------------------------------------------------------------------------------------------

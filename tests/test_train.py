@@ -129,7 +129,7 @@ def test_a_run_evaluates_detects_and_resumes_without_naming_its_network(
     assert evaluation.main([str(run / "checkpoint.pt"), "--workers", "0", "--out", str(tmp_path / "eval")]) == 0
     assert set(json.loads((tmp_path / "eval" / "results.json").read_text())["aps_07"]) == \
         {"circle", "square", "triangle"}
-    test_image = PascalVOCDataset(shapes_lists, "test").images[0]
+    test_image = PascalVOCDataset(shapes_lists, "test").lists.path(0)
     assert detect.main([str(run / "checkpoint.pt"), test_image, "--out", str(tmp_path / "det"),
                         "--min-score", "0"]) == 0
     assert json.loads((tmp_path / "det" / "detections.json").read_text())[test_image]
