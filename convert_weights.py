@@ -32,7 +32,7 @@ import torchvision
 from create_data_lists import VOC_CLASSES
 from model import SSD
 from priors import PRIOR_CONFIGS
-from utils import HelpFormatter, atomic_torch_save, writable_folder
+from utils import HelpFormatter, atomic_torch_save, load_tensors, writable_folder
 
 
 class Layout(NamedTuple):
@@ -129,16 +129,14 @@ def convert(state, layout, classes=None):
 def read_state_dict(source, weights):
     """The state dict in the file `source`, or (source None) torchvision's `weights`, downloaded
     and cached by torchvision; an OSError with one line saying what failed."""
+    if source is not None:
+        return load_tensors(source)                 # a ValueError saying why, for a bad file
     try:
-        if source is None:
-            return weights.get_state_dict(progress=True, check_hash=True)
-        return torch.load(source, map_location="cpu", weights_only=True)
+        return weights.get_state_dict(progress=True, check_hash=True)
     except Exception as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if source is None:
-            raise OSError(f"could not download {weights.url} ({reason}); download it elsewhere and "
-                          "pass the file: convert_weights.py torchvision FILE --out ...") from None
-        raise OSError(f"cannot read {source} as a state dict of tensors ({reason})") from None
+        raise OSError(f"could not download {weights.url} ({reason}); download it elsewhere and "
+                      "pass the file: convert_weights.py torchvision FILE --out ...") from None
 
 
 def parse_args(argv=None):
@@ -165,7 +163,10 @@ def main(argv=None):
         state = read_state_dict(args.weights, weights)
         checkpoint = convert(state, LAYOUTS[args.source], args.classes)
         atomic_torch_save(checkpoint, args.out)
-    except (OSError, ValueError) as e:
+    except ValueError as e:                      # weights that are not of the layout, or not weights
+        print(f"convert_weights.py: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:                         # offline, a read-only or full disk
         print(f"convert_weights.py: error: {e}", file=sys.stderr)
         return 1
     config = checkpoint["config"]

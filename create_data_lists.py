@@ -706,5 +706,9 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (DataError, OSError) as error:     # bad data; a read-only or full disk
-        raise SystemExit(f"error: {error}")
+    except DataError as error:                 # bad data
+        print(f"create_data_lists.py: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as error:                   # a read-only or full disk, a failed download
+        print(f"create_data_lists.py: error: {error}", file=sys.stderr)
+        sys.exit(1)

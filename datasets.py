@@ -28,7 +28,7 @@ from PIL import ExifTags, Image, ImageOps
 from torchvision.ops import box_iou
 
 from priors import prior_config
-from utils import atomic_torch_save
+from utils import atomic_torch_save, load_tensors
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # RGB, on 0-1 images
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -738,12 +738,11 @@ class ImageLists:
         """The binary form at `path`, memory-mapped, or None (and a line saying why) where it is
         unreadable or was made from other JSON lists (edited since: the JSON wins)."""
         try:
-            saved = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-            usable = saved.get("format") == LISTS_FORMAT and all(
+            saved = load_tensors(path, mmap=True)
+            usable = isinstance(saved, dict) and saved.get("format") == LISTS_FORMAT and all(
                 isinstance(saved.get(name), torch.Tensor) for name in cls.FIELDS)
-        except Exception as error:                  # torch.load's many ways to fail on a bad file
-            print(f"{path}: unreadable ({type(error).__name__}); reading the JSON lists instead",
-                  file=sys.stderr)
+        except ValueError as error:
+            print(f"{error}; reading the JSON lists instead", file=sys.stderr)
             return None
         if not usable or saved.get("fingerprint") != fingerprint:
             print(f"{path} was made from other JSON lists (edited since?); reading the JSON lists "

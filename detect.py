@@ -17,7 +17,9 @@ box drawn with its class name and score in the class's colour, and detections.js
 maps each image path as given/expanded to a list of
     {"box": [x1, y1, x2, y2], "label": name, "label_index": int, "score": float}
 with boxes in pixels of the displayed image. A file that cannot be read is reported on
-stderr and skipped. Exit status: 0 if at least one image or video was processed, 1 otherwise.
+stderr and skipped. Exit status: 0 if at least one image or video was processed; 2 for bad
+arguments or inputs (a checkpoint that is not one, no readable image or video); 1 for a failure
+while running (an output that cannot be written).
 
 Videos and cameras (--camera N; needs the opencv-python-headless package): <stem>.mp4 (or
 camera<N>.mp4), every frame drawn as above, and <stem>.jsonl with one line per frame,
@@ -384,15 +386,18 @@ def main(argv=None):
     videos = [path for path in paths if is_video(path)]
     images = [path for path in paths if not is_video(path)]
     if not paths and args.camera is None:
-        print("error: no images or videos to process", file=sys.stderr)
-        return 1
+        print("detect.py: error: no images or videos to process", file=sys.stderr)
+        return 2
     try:
         if videos or args.camera is not None:
             import_optional("cv2", "video input")
         run, names = load_detector(args)
         writable_folder(args.out)
-    except (FileNotFoundError, ValueError, ImportError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (FileNotFoundError, ValueError) as error:             # bad arguments or inputs
+        print(f"detect.py: error: {error}", file=sys.stderr)
+        return 2
+    except (ImportError, OSError) as error:                       # a package missing; a read-only disk
+        print(f"detect.py: error: {error}", file=sys.stderr)
         return 1
     camera = [] if args.camera is None else [Path(f"camera{args.camera}")]
     stems = output_stems(images + videos + camera)
@@ -412,11 +417,11 @@ def main(argv=None):
                   file=sys.stderr)
             processed += 1
     except OSError as error:                            # e.g. a full disk
-        print(f"error: {error}", file=sys.stderr)
+        print(f"detect.py: error: {error}", file=sys.stderr)
         return 1
     print(f"{processed} of {len(paths) + len(camera)} inputs processed; results in {args.out}",
           file=sys.stderr)
-    return 0 if processed else 1
+    return 0 if processed else 2
 
 
 def detect_and_draw(run, paths, stems, names, args):

@@ -178,8 +178,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = pick_device(args.device)
     try:
+        device = pick_device(args.device)
         net, checkpoint = load_checkpoint(args.checkpoint, device)
         config = checkpoint["config"]
         data_folder = args.data_folder or config.get("data_folder")

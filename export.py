@@ -33,8 +33,9 @@ the four settings above, or null for --no-postprocess) and "model_input" (JSON: 
 Before it reports success, the file is checked with onnx.checker and run by onnxruntime on a
 few images (--check-images, or three generated shapes images) next to the PyTorch model:
 the same labels, and boxes and scores within 1e-4 (of the image size, for boxes); otherwise
-the exit status is 1 and the file is left in place for inspection. Needs the onnx and
-onnxruntime packages.
+the exit status is 1 and the file is left in place for inspection. Exit status 2: a bad argument
+or input (a checkpoint that is not one, unreadable --check-images), nothing written. Needs the
+onnx and onnxruntime packages.
 """
 import argparse
 import io
@@ -52,7 +53,7 @@ from datasets import DataError, load_image, model_input, to_model_input
 from shapes import make_shapes_dataset
 from detect import find_images, import_optional
 from model import decode_predictions, detect_objects, load_checkpoint
-from utils import EVAL_DECODING, HelpFormatter, atomic_write, bounded
+from utils import EVAL_DECODING, HelpFormatter, atomic_write, bounded, writable_folder
 
 # The paper's evaluation settings (min_score, max_overlap, top_k, per_class_top_k).
 DECODING = EVAL_DECODING._asdict()
@@ -61,6 +62,10 @@ OPSET = 17
 # Largest difference allowed between onnxruntime and PyTorch: scores, and boxes as a fraction
 # of the image size.
 TOLERANCE = 1e-4
+
+
+class ParityError(Exception):
+    """onnxruntime's results differ from PyTorch's on the check images."""
 
 
 class NonMaxSuppression(torch.autograd.Function):
@@ -214,7 +219,7 @@ def label_counts(labels):
 def check_parity(net, session, images, decoding):
     """Run `images` (N x 3 x S x S) through the PyTorch `net` and the onnxruntime
     `session`. Returns (the largest differences, {name: float}, and the number of
-    detections compared, 0 for raw heads); raises ValueError where they disagree."""
+    detections compared, 0 for raw heads); raises ParityError where they disagree."""
     with torch.no_grad():
         locs, logits = net(images)
     outputs = session.run(None, {"images": images.numpy()})
@@ -224,7 +229,7 @@ def check_parity(net, session, images, decoding):
         # Logits and offsets, unlike probabilities, are unbounded: relative to their size.
         scale = max(1.0, float(logits.abs().max()), float(locs.abs().max()))
         if max(differences.values()) > TOLERANCE * scale:
-            raise ValueError(f"onnxruntime's heads differ from PyTorch's by {differences}")
+            raise ParityError(f"onnxruntime's heads differ from PyTorch's by {differences}")
         return differences, 0
     expected = detect_objects(locs, logits, net.priors_cxcy, **decoding)
     worst, count = {"boxes": 0.0, "scores": 0.0}, 0
@@ -232,13 +237,13 @@ def check_parity(net, session, images, decoding):
         reference = [t.numpy() for t in reference]
         difference = compare_detections(reference, unpadded(*(o[n] for o in outputs)))
         if difference is None:
-            raise ValueError(f"image {n}: onnxruntime and PyTorch find different detections "
+            raise ParityError(f"image {n}: onnxruntime and PyTorch find different detections "
                              f"(per class: {label_counts(unpadded(*(o[n] for o in outputs))[1])} "
                              f"against {label_counts(reference[1])})")
         worst = {key: max(worst[key], value) for key, value in zip(worst, difference)}
         count += len(reference[1])
     if max(worst.values()) > TOLERANCE:
-        raise ValueError(f"onnxruntime's detections differ from PyTorch's by {worst} (boxes as "
+        raise ParityError(f"onnxruntime's detections differ from PyTorch's by {worst} (boxes as "
                          f"a fraction of the image size), more than {TOLERANCE}")
     return worst, count
 
@@ -274,6 +279,7 @@ def main(argv=None):
                      per_class_top_k=args.per_class_top_k) if args.postprocess else None)
     try:
         ort = import_optional("onnxruntime", "export.py")
+        writable_folder(args.out.parent)                 # before the export, not after it
         net, checkpoint = load_checkpoint(args.checkpoint)
         images = check_images(args.check_images, model_input(net.config))
         proto = export(net, checkpoint["config"]["label_map"], decoding)
@@ -281,8 +287,11 @@ def main(argv=None):
             f.write(proto.SerializeToString())
         session = ort.InferenceSession(str(args.out), providers=["CPUExecutionProvider"])
         differences, count = check_parity(net, session, images, decoding)
-    except (ImportError, FileNotFoundError, ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (FileNotFoundError, ValueError) as error:         # bad arguments or inputs (DataError too)
+        print(f"export.py: error: {error}", file=sys.stderr)
+        return 2
+    except (ImportError, OSError, ParityError) as error:
+        print(f"export.py: error: {error}", file=sys.stderr)
         return 1
     what = (f"{count} detections on {len(images)} images" if decoding
             else f"raw heads of {len(images)} images")

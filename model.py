@@ -19,7 +19,7 @@ from torchvision.ops import FrozenBatchNorm2d, box_iou
 
 from priors import PRIOR_CONFIGS, as_plain_dict, create_priors, decode, encode, n_boxes_per_location, \
     prior_config
-from utils import EVAL_DECODING, cxcy_to_xy, nms, xy_to_cxcy
+from utils import EVAL_DECODING, cxcy_to_xy, load_tensors, nms, xy_to_cxcy
 
 # The auxiliary convolutions of each model after conv7: per stage (name, 1x1 channels, 3x3 (or
 # 4x4) channels, kernel, stride, padding). Each stage's second convolution gives a prediction
@@ -133,8 +133,7 @@ def load_imagenet_weights(base, weights, source, convert):
     local = isinstance(source, (str, os.PathLike))
     where = source if local else weights.url
     try:
-        state = (torch.load(source, map_location="cpu", weights_only=True) if local
-                 else weights.get_state_dict(progress=True, check_hash=True))
+        state = load_tensors(source) if local else weights.get_state_dict(progress=True, check_hash=True)
     except Exception as e:
         raise OSError(
             f"Could not load ImageNet weights from {where} ({type(e).__name__}: {e}).\n"
@@ -711,12 +710,11 @@ def read_checkpoint(path, required=("model", "config")):
     It holds only tensors and plain Python values, so it loads with weights_only=True.
     """
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = load_tensors(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"checkpoint {path} does not exist") from None
-    except Exception as e:
-        raise ValueError(f"{path} is not a checkpoint written by train.py: not a PyTorch file "
-                         f"of tensors and plain values ({_load_failure(e)})") from None
+    except ValueError as e:
+        raise ValueError(f"{e}; not a checkpoint written by train.py") from None
     if not isinstance(checkpoint, dict) or not set(required) <= set(checkpoint):
         raise ValueError(f"{path} is not an SSD checkpoint written by train.py "
                          f"(it lacks some of {', '.join(required)})")
@@ -726,20 +724,6 @@ def read_checkpoint(path, required=("model", "config")):
             raise ValueError(f"{path}: its config lacks {', '.join(missing)}, which train.py "
                              "always saves; the file was not written by this repository's train.py")
     return checkpoint
-
-
-def _load_failure(error):
-    """The one line of a torch.load error that says what is wrong with the file.
-
-    weights_only=True refusals wrap the reason in advice to load with weights_only=False,
-    which must never be taken for a file that is supposed to be one of ours.
-    """
-    text = str(error)
-    marker = "WeightsUnpickler error:"
-    if marker in text:
-        text = text.split(marker, 1)[1]
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
 
 
 def load_for_new_classes(net, model_state, label_map, source_label_map):

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -125,7 +126,8 @@ def build_parser(suppress_defaults=False):
                      help="global batch, over all GPUs")
     opt.add_argument("--optimizer", choices=["sgd", "adamw"], default=d("sgd"),
                      help="SGD with momentum (the paper's) or AdamW")
-    opt.add_argument("--lr", type=bounded(float, above=0), default=d(1e-3), help="base learning rate")
+    opt.add_argument("--lr", type=bounded(float, above=0, high=10), default=d(1e-3),
+                     help="base learning rate (at most 10: more only makes the run diverge)")
     opt.add_argument("--momentum", type=bounded(float, 0, below=1), default=d(0.9), help="SGD momentum")
     opt.add_argument("--betas", type=bounded(float, 0, below=1), nargs=2, default=d(ADAMW_BETAS),
                      metavar=("BETA1", "BETA2"), help="AdamW's decay rates of its gradient moments")
@@ -156,7 +158,8 @@ def build_parser(suppress_defaults=False):
                           "the same --backbone, --width and --base-bn (default: the checkpoint's)")
     run.add_argument("--overwrite", action="store_true", default=d(False),
                      help="start again in a run folder that already holds a checkpoint")
-    run.add_argument("--seed", type=int, default=d(0), help="initialisation, data order, augmentation")
+    run.add_argument("--seed", type=bounded(int, 0, 2 ** 32 - 1), default=d(0),
+                     help="initialisation, data order, augmentation")
     run.add_argument("--device", default=d("auto"), help="auto (cuda, mps, cpu), cuda, cpu, ...")
     add_precision_arguments(run, d)
     run.add_argument("--compile", action="store_true", default=d(False), help="torch.compile the model")
@@ -294,11 +297,21 @@ def apply_linear_scaling(config):
 
 # ------------------------------------------------------------------------------ checkpoints
 
-def checkpoint_state(net, optimizer, scaler, iteration, config, history):
+def checkpoint_state(net, optimizer, scaler, iteration, config, history, running_losses=None):
     return dict(model=net.state_dict(), optimizer=optimizer.state_dict(),
                 scaler=scaler.state_dict(), iteration=iteration, config=config,
-                history=history, rng_cpu=torch.get_rng_state(),
+                history=history, running_losses=running_losses, rng_cpu=torch.get_rng_state(),
                 rng_cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+
+
+def non_finite_entries(state):
+    """Names of the floating-point tensors of a checkpoint's model and optimizer state that
+    hold a NaN or an infinity."""
+    tensors = [(f"model {k}", v) for k, v in state["model"].items()]
+    tensors += [(f"optimizer state {k} {name}", v) for k, values in state["optimizer"]["state"].items()
+                for name, v in values.items()]
+    return [name for name, t in tensors
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all()]
 
 
 def load_resume_state(path, config, explicit):
@@ -408,12 +421,14 @@ def plot_loss_curves(logs, png):
 
 class StopRequest:
     """While active, SIGINT/SIGTERM set a flag: the loop saves a checkpoint and exits after
-    the current step. A second Ctrl-C stops at once."""
+    the current step, with the shell's status for that signal (status: 130 for SIGINT, 143
+    for SIGTERM), so that a job script tells a preemption from a Ctrl-C. A second signal
+    stops at once."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __enter__(self):
-        self.requested = False
+        self.requested, self.signal = False, None
         self.previous = [signal.signal(sig, self._handle) for sig in self.SIGNALS]
         return self
 
@@ -424,7 +439,12 @@ class StopRequest:
     def _handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested, self.signal = True, signum
+
+    @property
+    def status(self):
+        """The exit status of a run this request stopped: 128 + the signal's number."""
+        return 128 + (self.signal or signal.SIGINT)
 
 
 def ignore_interrupts(worker_id):
@@ -445,7 +465,12 @@ def end_data_workers(earlier):
 
 
 class TrainingStopped(Exception):
-    """The run cannot go on; a checkpoint of its last weights has been saved first."""
+    """The run cannot go on; a checkpoint of its last weights has been saved first (where
+    they are finite). status: the exit status, 2 for bad input data, 1 for other failures."""
+
+    def __init__(self, message, status=1):
+        super().__init__(message)
+        self.status = status
 
 
 def is_worker_death(error):
@@ -474,10 +499,20 @@ class Trainer:
             self._init_from(init_state)
         self.net.to(self.device, memory_format=self.memory_format)
         self._build_optimiser()
-        self.iteration, self.history = 0, []
+        self.iteration, self.history, self.running_losses, self.saved_at = 0, [], None, None
         if resumed:
             self._restore(resume_state)
         self.model = self._wrap_for_ddp_and_compile(self.net)
+
+    @property
+    def finished(self):
+        """Whether a resumed run has nothing left to train (a ValueError if it is past
+        --iterations: it would be saved as finished at an iteration the command does not ask for)."""
+        config, it = self.config, self.iteration
+        if it > config["iterations"]:
+            raise ValueError(f"{config['resume']} is at iteration {it}, beyond --iterations "
+                             f"{config['iterations']}: nothing to train (give more --iterations)")
+        return it == config["iterations"]
 
     def _setup_process(self, resumed):
         """Rank, world and device; refuse to overwrite a run by mistake; seed the RNG."""
@@ -565,6 +600,8 @@ class Trainer:
     def _build_optimiser(self):
         """The loss, the optimiser of the trained parameters, and the grad scaler (float16 only)."""
         self.criterion = MultiBoxLoss(self.net.priors_cxcy, loc_loss=self.config["loc_loss"])
+        self.batch_norm_statistics = [b for m in self.net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                                      for b in m.buffers()]
         self.optimizer = make_optimizer(self.net, self.config)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
 
@@ -575,6 +612,8 @@ class Trainer:
         self.optimizer.load_state_dict(resume_state["optimizer"])
         self.scaler.load_state_dict(resume_state["scaler"])
         self.iteration, self.history = resume_state["iteration"], resume_state["history"]
+        self.running_losses = resume_state.get("running_losses")   # absent from older checkpoints
+        self.saved_at = self.iteration
         torch.set_rng_state(resume_state["rng_cpu"])
         if self.device.type == "cuda" and resume_state["rng_cuda"]:
             torch.cuda.set_rng_state_all(resume_state["rng_cuda"])
@@ -593,12 +632,19 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def run(self):
-        """Train to config["iterations"]; returns the exit code (0, or 130 when interrupted)."""
+        """Train to config["iterations"]; returns the exit status (0, or 128 + the signal's
+        number when a signal stopped it: StopRequest). A resumed run that has finished already
+        says so and writes nothing."""
+        if self.finished:
+            if self.main_process:
+                print(f"{self.config['resume']} has finished its {self.iteration} iterations: nothing to train")
+            return 0
         self._prepare_folder()
         evaluator = make_evaluator(self.config, self.device, self.dtype, self.memory_format) \
             if self.config["eval_every"] else None
-        self.losses = RunningLosses(self.device, self.history[-1]["elapsed_s"] if self.history else 0.0)
-        self.bad_steps, self.skipped_images = 0, 0
+        self.losses = RunningLosses(self.device, self.history[-1]["elapsed_s"] if self.history else 0.0,
+                                    self.running_losses)
+        self.bad_steps, self.skipped_images, self.skipped_reads = 0, set(), 0
         bar = tqdm(total=self.config["iterations"], initial=self.iteration, desc="train",
                    disable=not self.main_process, dynamic_ncols=True)
         self.model.train()
@@ -606,7 +652,7 @@ class Trainer:
         with bar, StopRequest() as stop:
             try:
                 if not self._train_loop(stream, evaluator, bar, stop):
-                    return 130
+                    return stop.status
             except RuntimeError as error:
                 if not is_worker_death(error):
                     raise
@@ -630,19 +676,21 @@ class Trainer:
         return True
 
     def _stop_at_worker_death(self, error, bar, stop):
-        """A DataLoader worker died: save; exit code 130 if a signal killed it, else
-        TrainingStopped."""
+        """A DataLoader worker died: save; the signal's exit status if a signal killed it,
+        else TrainingStopped."""
         bar.close()
         self.save("interrupted" if stop.requested else "a data loading process died")
         if stop.requested:             # e.g. a signal that reached a worker first
-            return 130
+            return stop.status
         raise TrainingStopped(f"{error}; continue with --resume") from error
 
     def _finish(self):
         """The final checkpoint; report skipped images; check that the ranks agree."""
         self.save("finished")
         if self.skipped_images:
-            print(f"{self.skipped_images} unreadable images skipped (--skip-bad-images)")
+            count = len(self.skipped_images)
+            print(f"{count} unreadable image{'s' * (count > 1)} skipped (--skip-bad-images), "
+                  f"met {self.skipped_reads} time{'s' * (self.skipped_reads > 1)}")
         check_ranks_agree(self.net, self.device, self.world, self.main_process)
         return 0
 
@@ -664,12 +712,16 @@ class Trainer:
         lr = learning_rate(self.iteration, self.config)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group["lr_mult"]
+        # The forward pass updates batch norm's running statistics: a skipped step puts them back.
+        statistics = [b.clone() for b in self.batch_norm_statistics]
         terms = forward_loss(self.model, self.criterion, images, boxes, labels, self.dtype)
         # One small exchange per step: every rank must skip or stop at the same iteration.
         nonfinite, stop_now = all_ranks_max(
             [float(not torch.isfinite(terms[0])), float(stop.requested)], self.device, self.world)
         self.iteration += 1
         if nonfinite:
+            for buffer, before in zip(self.batch_norm_statistics, statistics):
+                buffer.copy_(before)
             return None, bool(stop_now)
         backward_step(terms[0], self.optimizer, self.scaler)
         return torch.stack([t.detach() for t in terms]).double(), bool(stop_now)
@@ -689,14 +741,15 @@ class Trainer:
         if batch.problems and not self.config["skip_bad_images"]:
             self.save("stopped at an unreadable image")
             raise TrainingStopped(f"{batch.problems[0]}. Replace or remove the image and continue "
-                                  "with --resume, or pass --skip-bad-images")
+                                  "with --resume, or pass --skip-bad-images", status=2)
         for problem in batch.problems:
             tqdm.write(f"skipped: {problem}")
-        self.skipped_images += len(batch.problems)
+        self.skipped_images.update(batch.problems)          # each message names its file
+        self.skipped_reads += len(batch.problems)
         if not len(batch.images):
             self.save("stopped: no image of a batch could be read")
             raise TrainingStopped(f"no image of a batch could be read ({batch.problems[0]}, ...): "
-                                  "is the data folder complete?")
+                                  "is the data folder complete?", status=2)
         return batch
 
     def _count(self, terms):
@@ -712,8 +765,13 @@ class Trainer:
             self.save("stopped after non-finite losses")
             raise FloatingPointError(
                 f"{self.bad_steps} non-finite losses in a row at iteration {self.iteration}: "
-                f"stopped. The last good weights are in {self.out / 'checkpoint.pt'}; try a "
-                "lower --lr, a longer --warmup, or --amp off.")
+                f"stopped. {self._last_good_weights()}; try a lower --lr, a longer --warmup, or --amp off.")
+
+    def _last_good_weights(self):
+        """Where the last finite weights are, in words."""
+        if self.saved_at is None:
+            return f"No checkpoint with finite weights was written to {self.out}"
+        return f"The last good weights are in {self.out / 'checkpoint.pt'} (iteration {self.saved_at})"
 
     # ------------------------------------------------------------------ evaluation and logging
 
@@ -756,20 +814,31 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def save(self, reason):
-        """checkpoint.pt (main process only): all that --resume needs, the RNG state included."""
+        """checkpoint.pt (main process only): all that --resume needs, the RNG state included.
+        Never weights that are not finite: a FloatingPointError instead, the file unchanged."""
         if self.main_process:
             state = checkpoint_state(self.net, self.optimizer, self.scaler, self.iteration,
-                                     self.config, self.history)
+                                     self.config, self.history, self.losses.state())
+            bad = non_finite_entries(state)
+            if bad:
+                raise FloatingPointError(
+                    f"not saved at iteration {self.iteration} ({reason}): {', '.join(bad[:3])}"
+                    f"{' ...' if len(bad) > 3 else ''} not finite. {self._last_good_weights()}; "
+                    "try a lower --lr, a longer --warmup, or --amp off.")
             atomic_torch_save(state, self.out / "checkpoint.pt")
+            self.saved_at = self.iteration
             tqdm.write(f"saved {self.out / 'checkpoint.pt'} at iteration {self.iteration} ({reason})")
 
     def _save_if_due(self):
-        """A periodic checkpoint every --save-every iterations (the last has its own)."""
+        """A periodic checkpoint every --save-every iterations (the last has its own). A save
+        that fails (e.g. a full disk) is reported, each time, and training goes on."""
         if self.iteration % self.config["save_every"] == 0 and self.iteration < self.config["iterations"]:
             try:
                 self.save("periodic")
-            except OSError as e:                 # e.g. a full disk: keep training
-                warnings.warn(str(e))
+            except OSError as e:
+                kept = (f"iteration {self.saved_at}'s" if self.saved_at is not None else "no checkpoint")
+                tqdm.write(f"train.py: warning: {e}. Training goes on; {self.out} keeps {kept}, "
+                           "and log.csv runs ahead of it", file=sys.stderr)
 
 
 def forward_loss(model, criterion, images, boxes, labels, dtype):
@@ -788,13 +857,20 @@ def backward_step(loss, optimizer, scaler):
 
 
 class RunningLosses:
-    """Loss terms summed on the device since the last log row, read back once per row."""
+    """Loss terms summed on the device since the last log row, read back once per row.
+    Checkpoints carry them (state()), so that the first row after a resume averages every
+    iteration since the row before (for several processes: the first process's sums)."""
 
-    def __init__(self, device, elapsed_s=0.0):
-        self.sums = torch.zeros(3, device=device, dtype=torch.float64)   # loss, loc, conf
-        self.n = 0
-        self.t_last = time.perf_counter()
-        self.start = self.t_last - elapsed_s
+    def __init__(self, device, elapsed_s=0.0, saved=None):
+        saved = saved or dict(sums=[0.0] * 3, n=0, seconds=0.0)
+        self.sums = torch.tensor(saved["sums"], device=device, dtype=torch.float64)   # loss, loc, conf
+        self.n = saved["n"]
+        self.t_last = time.perf_counter() - saved["seconds"]
+        self.start = time.perf_counter() - elapsed_s - saved["seconds"]
+
+    def state(self):
+        """What a checkpoint keeps: the sums, their count, and the seconds they took."""
+        return dict(sums=self.sums.tolist(), n=self.n, seconds=time.perf_counter() - self.t_last)
 
     def add(self, terms):
         self.sums += terms
@@ -873,7 +949,10 @@ def main(argv=None):
     except (DataError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         code = 2
-    except (OSError, FloatingPointError, TrainingStopped) as e:   # a full disk, a diverged run...
+    except TrainingStopped as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        code = e.status
+    except (OSError, FloatingPointError) as e:                   # a full disk, a diverged run...
         print(f"train.py: error: {e}", file=sys.stderr)
         code = 1
     finally:

@@ -180,6 +180,8 @@ def bounded(kind, low=None, high=None, above=None, below=None):
                   and (above is None or value > above) and (below is None or value < below))
         if not inside:
             raise argparse.ArgumentTypeError(f"{text} is not allowed: must be {allowed}")
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text} is not allowed: must be a finite number")
         return value
     return parse
 
@@ -195,14 +197,25 @@ def default_workers(most=4):
 
 
 def pick_device(name="auto"):
-    """'auto' -> cuda, then mps, then cpu; anything else is passed to torch.device."""
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    """'auto' -> cuda, then mps, then cpu; anything else is passed to torch.device. A
+    ValueError in one line for a name torch does not know or a device this machine lacks
+    (where PyTorch would fail later, in many lines: "Found no NVIDIA driver")."""
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a device name (auto, cpu, cuda, cuda:1, mps, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: this machine has no CUDA device that PyTorch can use "
+                         "(no NVIDIA driver, or a PyTorch built without CUDA); use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA "
+                         f"device(s), numbered from 0")
+    if device.type == "mps" and not mps:
+        raise ValueError(f"--device {name}: this machine has no Apple GPU that PyTorch can use")
+    return device
 
 
 # --------------------------------------------------------------------------------------
@@ -374,12 +387,54 @@ def remove_stale_temporaries(folder):
 
 def atomic_torch_save(obj, path):
     """torch.save through atomic_write. It needs free space for a second copy of the file
-    while the old one is still there."""
+    while the old one is still there; a full disk is reported as such."""
     with atomic_write(path, "wb") as f:
         try:
             torch.save(obj, f)
-        except RuntimeError as e:   # how torch's zip writer reports a failed write (full disk)
+        except RuntimeError as e:
+            # torch's zip writer reports a failed write as "unexpected pos ..."; the OSError of
+            # the write itself (No space left on device) is the exception it was handling.
+            cause = e.__context__
+            if isinstance(cause, OSError) and cause.errno is not None:
+                raise cause from None
             raise OSError(f"torch.save failed ({str(e).splitlines()[0]})") from e
+
+
+def load_tensors(path, mmap=False):
+    """torch.load of a file that must hold only tensors and plain Python values
+    (weights_only=True). A ValueError in one line for anything else, saying why: a file
+    that names Python code to run is refused for that reason (torch's own message would
+    advise loading it with weights_only=False, which runs that code). FileNotFoundError as
+    torch raises it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except FileNotFoundError:
+        raise
+    except Exception as error:                 # torch.load's many ways to fail on a bad file
+        raise ValueError(f"{path}: {load_failure(error)}") from None
+
+
+# Lines of torch.load's weights_only refusal that advise loading the file anyway.
+_UNSAFE_ADVICE = ("weights_only", "torch.load", "safe_globals", "add_safe_globals", "documentation",
+                  "trusted source", "arbitrary code")
+
+
+def load_failure(error):
+    """What is wrong with a file torch.load refused, in one line, never its advice to load
+    it with weights_only=False."""
+    text = str(error)
+    if "WeightsUnpickler error:" in text:                     # torch < 2.7 put the reason here
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    reasons = [line for line in lines if not any(words in line for words in _UNSAFE_ADVICE)]
+    if "GLOBAL" in text or "global" in " ".join(reasons).lower():
+        reason = next((line for line in reasons if "GLOBAL" in line or "global" in line.lower()),
+                      "it names a Python object to create")
+        return ("refused: it is a pickle that would run Python code, not only tensors and plain "
+                f"values ({reason.rstrip('.')})")
+    if reasons:
+        return f"not a PyTorch file of tensors ({reasons[0]})"
+    return f"not a PyTorch file of tensors ({type(error).__name__})"
 
 
 def json_safe(value):

@@ -741,7 +741,7 @@ def test_the_datasets_items_are_the_json_lists_from_either_form(tmp_path, monkey
     assert "made from other JSON lists" in capsys.readouterr().err
     (tmp_path / "TRAIN_lists.pt").write_bytes(b"not a zip file")
     check(PascalVOCDataset(tmp_path, "train", augment=False, decode="device"), images, objects)
-    assert "TRAIN_lists.pt: unreadable" in capsys.readouterr().err
+    assert "TRAIN_lists.pt: not a PyTorch file of tensors" in capsys.readouterr().err
 
 
 def held_objects(root):

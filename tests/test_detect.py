@@ -218,11 +218,11 @@ def test_cli_fails_when_nothing_can_be_processed(tmp_path, checkpoint, capsys):
     (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     out = tmp_path / "out"
     assert detect.main([str(checkpoint), str(tmp_path / "bad.png"), str(tmp_path / "missing*.jpg"),
-                        "--out", str(out)]) == 1
+                        "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "bad.png" in err and "missing*.jpg" in err
     assert read_json(out) == {}
-    assert detect.main([str(tmp_path / "no.pt"), str(tmp_path / "bad.png")]) == 1
+    assert detect.main([str(tmp_path / "no.pt"), str(tmp_path / "bad.png")]) == 2
     assert "no.pt does not exist" in capsys.readouterr().err
 
 

@@ -123,7 +123,7 @@ def test_no_postprocess_exports_the_raw_heads(checkpoint, test_images, tmp_path,
     np.testing.assert_allclose(onnx_scores, scores.numpy(), rtol=0, atol=1e-4)
     assert json.loads(session.get_modelmeta().custom_metadata_map["decoding"]) is None
     # detect.py needs the decoding inside.
-    assert detect.main(["--onnx", str(path), str(test_images[0]), "--out", str(tmp_path / "out")]) == 1
+    assert detect.main(["--onnx", str(path), str(test_images[0]), "--out", str(tmp_path / "out")]) == 2
     assert "--no-postprocess" in capsys.readouterr().err
 
 
@@ -138,7 +138,7 @@ def test_export_fails_clearly_when_onnxruntime_disagrees(checkpoint, test_images
 
 
 def test_export_errors_name_the_file(tmp_path, capsys):
-    assert export.main([str(tmp_path / "none.pt"), "--out", str(tmp_path / "m.onnx")]) == 1
+    assert export.main([str(tmp_path / "none.pt"), "--out", str(tmp_path / "m.onnx")]) == 2
     assert "none.pt does not exist" in capsys.readouterr().err
     assert not (tmp_path / "m.onnx").exists()
 
@@ -175,7 +175,7 @@ def test_detect_onnx_errors_name_the_file(onnx_model, test_images, tmp_path, cap
              (["--onnx", str(onnx_model[0]), "--max-overlap", "0.5"], "NMS at IoU 0.45, not 0.5"),
              (["--onnx", str(onnx_model[0]), "--min-score", "0.001"], "keeps only scores above 0.01")]
     for options, message in cases:
-        assert detect.main(options + [image, "--out", str(tmp_path / "out")]) == 1
+        assert detect.main(options + [image, "--out", str(tmp_path / "out")]) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err
 
