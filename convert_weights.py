@@ -12,8 +12,9 @@ bring the file).
 
 The checkpoint is an ordinary one of this repository (it loads with weights_only=True) that
 records what the weights expect: their priors (torchvision's COCO scales and steps, or
-amdegroot's Caffe steps and clipping: priors.PRIOR_CONFIGS), their input normalisation
-(preprocessing), and the class names (COCO's 80 at torchvision's 91 indices, or VOC's 20;
+amdegroot's Caffe steps and clipping: priors.PRIOR_CONFIGS), their input (preprocessing: the
+normalisation, and how an image becomes 300x300: torchvision's tensor resize, or OpenCV's for
+amdegroot's, as each project trained and measured them), and the class names (COCO's 80 at torchvision's 91 indices, or VOC's 20;
 --classes for weights trained on other classes). eval.py (with --data-folder), detect.py and
 export.py read all of it, and `train.py --init-from` fine-tunes from it (the class-score rows
 of the class names both datasets share are kept).
@@ -25,7 +26,6 @@ import sys
 from pathlib import Path
 from typing import NamedTuple
 
-import torch
 import torch.nn as nn
 import torchvision
 
@@ -42,7 +42,7 @@ class Layout(NamedTuple):
     convs: list
     l2_scale: str
     priors: str              # a key of priors.PRIOR_CONFIGS
-    preprocessing: dict      # mean and std of the normalisation, on 0-1 RGB values
+    preprocessing: dict      # mean and std of the normalisation, on 0-1 RGB values; resize
     classes: tuple           # default class names, for the default number of classes
     description: str
 
@@ -51,7 +51,8 @@ LAYOUTS = {
     # torchvision.models.detection.ssd300_vgg16: VGG16 `features` to conv4_3, then `extra.0`
     # holding pool4 ... conv5_3 (1, 3, 5) and fc6/fc7 as convolutions (7.1, 7.3), extra.1-4 the
     # auxiliary stages; its GeneralizedRCNNTransform normalises 0-1 RGB with this mean and a
-    # std of 1/255 (Caffe's mean subtraction on 0-255 values), and it has COCO's 91 indices.
+    # std of 1/255 (Caffe's mean subtraction on 0-255 values), then resizes the float tensor
+    # (datasets.resize_as_torchvision); it has COCO's 91 indices.
     "torchvision": Layout(
         [f"backbone.features.{i}" for i in (0, 2, 5, 7, 10, 12, 14, 17, 19, 21)]
         + [f"backbone.extra.0.{i}" for i in ("1", "3", "5", "7.1", "7.3")]
@@ -59,21 +60,22 @@ LAYOUTS = {
         + [f"head.regression_head.module_list.{k}" for k in range(6)]
         + [f"head.classification_head.module_list.{k}" for k in range(6)],
         "backbone.scale_weight", "ssd300-coco",
-        {"mean": [0.48235, 0.45882, 0.40784], "std": [1 / 255] * 3},
+        {"mean": [0.48235, 0.45882, 0.40784], "std": [1 / 255] * 3, "resize": "torchvision"},
         tuple(torchvision.models.detection.SSD300_VGG16_Weights.COCO_V1.meta["categories"][1:]),
         "torchvision ssd300_vgg16 (COCO_V1)"),
     # amdegroot/ssd.pytorch (ssd.py): `vgg` a flat list of VGG16's layers with pool5, conv6 (31)
     # and conv7 (33); `extras` the 1x1/3x3 pairs; one `loc` and one `conf` convolution per map.
     # Its heads flatten location-major with the boxes of a location in our order (min size,
     # sqrt(min * max), then each ratio and its inverse: layers/functions/prior_box.py), so they
-    # load as they are. It subtracts Caffe's BGR mean (104, 117, 123) from 0-255 pixels and
-    # then feeds them as RGB (data/voc0712.py), VOC's 20 classes in alphabetical order.
+    # load as they are. Its BaseTransform resizes the 8-bit image with cv2.resize and subtracts
+    # Caffe's BGR mean (104, 117, 123) from the 0-255 pixels, which it then feeds as RGB
+    # (data/voc0712.py); VOC's 20 classes in alphabetical order.
     "amdegroot": Layout(
         [f"vgg.{i}" for i in (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28, 31, 33)]
         + [f"extras.{i}" for i in range(8)]
         + [f"loc.{k}" for k in range(6)] + [f"conf.{k}" for k in range(6)],
         "L2Norm.weight", "ssd300-amdegroot",
-        {"mean": [123 / 255, 117 / 255, 104 / 255], "std": [1 / 255] * 3},
+        {"mean": [123 / 255, 117 / 255, 104 / 255], "std": [1 / 255] * 3, "resize": "opencv"},
         VOC_CLASSES, "amdegroot/ssd.pytorch SSD300"),
 }
 # torchvision's COCO categories leave indices unused ("N/A"); they keep their score rows.

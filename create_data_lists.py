@@ -14,6 +14,7 @@ of their images; a single file is split here with --test-fraction (classes: the 
 categories, in its order):
     python create_data_lists.py --coco-train train.json images/ --coco-test val.json images/ --output OUT
     python create_data_lists.py --coco-train all.json images/ --test-fraction 0.2 --output OUT
+    python create_data_lists.py --coco-test instances_val2017.json val2017/ --output OUT   # test lists only
 A plain folder of images and VOC XML files, without ImageSets (labelImg; XML files beside the
 images or in a folder of their own), split here reproducibly (split.json records it):
     python create_data_lists.py --folder images/ [xml/] --test-fraction 0.2 --seed 0 \
@@ -610,7 +611,8 @@ def parse_args(argv=None):
     parser.add_argument("--coco-train", nargs=2, metavar=("ANNOTATIONS.json", "IMAGE_DIR"),
                         help="COCO-format training annotations and the folder of their images")
     parser.add_argument("--coco-test", nargs=2, metavar=("ANNOTATIONS.json", "IMAGE_DIR"),
-                        help="COCO-format test annotations and their images (or --test-fraction)")
+                        help="COCO-format test annotations and their images (or --test-fraction); "
+                             "alone, test lists only (e.g. to evaluate a converted checkpoint)")
     parser.add_argument("--folder", nargs="+", metavar="DIR",
                         help="IMAGE_DIR [XML_DIR]: a plain folder of images and VOC XML files "
                              "(XML files beside the images, or in XML_DIR), split with --test-fraction")
@@ -634,11 +636,9 @@ def parse_args(argv=None):
     parser.add_argument("--output",
                         help="output folder (default: data/voc_lists, data/shapes_lists or data/lists)")
     args = parser.parse_args(argv)
-    modes = [name for name in ("root", "shapes", "folder", "coco_train") if getattr(args, name)]
+    modes = [given for given in (args.root, args.shapes, args.folder, args.coco_train or args.coco_test) if given]
     if len(modes) > 1:
-        parser.error("use one of --root, --shapes, --folder and --coco-train")
-    if args.coco_test and not args.coco_train:
-        parser.error("--coco-test needs --coco-train")
+        parser.error("use one of --root, --shapes, --folder and --coco-train/--coco-test")
     if args.folder and len(args.folder) > 2:
         parser.error("--folder takes IMAGE_DIR and optionally XML_DIR")
     if args.folder and args.test_fraction is None:
@@ -678,7 +678,7 @@ def own_data_lists(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.folder or args.coco_train:
+    if args.folder or args.coco_train or args.coco_test:
         summary = own_data_lists(args)
         print_summary(summary, args.output or "data/lists")
         return

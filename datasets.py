@@ -24,6 +24,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import ExifTags, Image, ImageOps
 from torchvision.ops import box_iou
 
@@ -34,12 +35,25 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)  # RGB, on 0-1 images
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+# How an image of any size becomes the network's size x size input: part of what a network's
+# weights expect (imported weights were trained and measured with their project's own resize).
+#   pillow:      this repository's: Pillow's antialiased bilinear filter on the 8-bit image
+#   torchvision: torchvision's detection models' (GeneralizedRCNNTransform): the 0-1 float
+#                image normalised, then bilinear without antialiasing (F.interpolate,
+#                align_corners=False)
+#   opencv:      amdegroot/ssd.pytorch's (BaseTransform): cv2.resize's INTER_LINEAR on the
+#                8-bit image (no antialiasing, rounded to 8 bits), then normalised
+RESIZE_METHODS = ("pillow", "torchvision", "opencv")
+
+
 class ModelInput(NamedTuple):
     """What a network takes: size x size RGB images, normalised as (x - mean) / std on 0-1
-    values (per channel)."""
+    values (per channel), made from images of other sizes by the `resize` method
+    (RESIZE_METHODS)."""
     size: int
     mean: tuple
     std: tuple
+    resize: str = "pillow"
 
     @property
     def fill(self):
@@ -49,11 +63,12 @@ class ModelInput(NamedTuple):
 
 def model_input(config):
     """The ModelInput of a run's or checkpoint's config: its priors' input size, and its
-    preprocessing ({"mean": [...], "std": [...]}: ImageNet's, which torchvision's VGG16 and
-    ResNet-34 weights expect, where a config has none)."""
+    preprocessing ({"mean": [...], "std": [...], "resize": ...}: ImageNet's mean and std,
+    which torchvision's VGG16 and ResNet-34 weights expect, where a config has none; this
+    repository's resize where it names none)."""
     preprocessing = config.get("preprocessing") or {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
     return ModelInput(prior_config(config).image_size, tuple(preprocessing["mean"]),
-                      tuple(preprocessing["std"]))
+                      tuple(preprocessing["std"]), preprocessing.get("resize", "pillow"))
 
 
 # SSD300's input with the ImageNet normalisation: the paper's model from ImageNet weights.
@@ -249,6 +264,30 @@ def read_undecoded(path, annotated_size=None):
     return torch.from_numpy(np.asarray(image).transpose(2, 0, 1).copy()), 1, image.size
 
 
+def resize_as_torchvision(pixels, model_input):
+    """uint8 (3, H, W) on any device -> float32 (3, S, S) as torchvision's detection models
+    make their input of a 0-1 image (GeneralizedRCNNTransform: normalised first, then
+    resized with F.interpolate, bilinear, align_corners=False, no antialiasing), S =
+    model_input.size. An image of S x S is unchanged by that resize."""
+    x = pixels.float().div(255)                      # as torchvision's to_tensor
+    mean = torch.tensor(model_input.mean, dtype=torch.float32, device=x.device).view(3, 1, 1)
+    std = torch.tensor(model_input.std, dtype=torch.float32, device=x.device).view(3, 1, 1)
+    x = (x - mean) / std
+    size = model_input.size
+    return F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False)[0]
+
+
+def resize_with_opencv(image, size):
+    """A PIL RGB image resized to size x size as amdegroot/ssd.pytorch's BaseTransform does:
+    cv2.resize, INTER_LINEAR on the 8-bit pixels (per channel, so BGR or RGB alike)."""
+    try:
+        import cv2
+    except ImportError as error:
+        raise ImportError("this network's input is resized with OpenCV (its weights were trained "
+                          "that way): pip install opencv-python-headless") from error
+    return Image.fromarray(cv2.resize(np.asarray(image), (size, size), interpolation=cv2.INTER_LINEAR))
+
+
 def resize_image(image, size, interpolation=Image.BILINEAR):
     """Resize a PIL image to size x size (bilinear, antialiased, unless told otherwise).
 
@@ -259,11 +298,15 @@ def resize_image(image, size, interpolation=Image.BILINEAR):
 
 
 def to_model_input(image, model_input=DEFAULT_INPUT):
-    """PIL RGB image of any size -> normalised float32 tensor (3, S, S), S = model_input.size;
-    an image of S x S (already resized by the training transform) is not resampled again."""
+    """PIL RGB image of any size -> normalised float32 tensor (3, S, S), S = model_input.size,
+    resized by model_input.resize; an image of S x S (already resized by the training
+    transform) is not resampled again."""
     size = model_input.size
+    if model_input.resize == "torchvision":
+        return resize_as_torchvision(torch.from_numpy(np.asarray(image).transpose(2, 0, 1).copy()), model_input)
     if image.size != (size, size):
-        image = resize_image(image, size)
+        image = (resize_with_opencv(image, size) if model_input.resize == "opencv" else
+                 resize_image(image, size))
     # numpy in place: ~5x faster than torch ops, whose intra-op threads only add overhead here
     mean = np.array(model_input.mean, np.float32)[:, None, None] * 255
     std = np.array(model_input.std, np.float32)[:, None, None] * 255

@@ -211,7 +211,7 @@ class OnnxDetector:
             # Exports from before the input was recorded are all SSD300 with ImageNet's.
             spec = json.loads(metadata.get("model_input", "null"))
             self.model_input = DEFAULT_INPUT if spec is None else ModelInput(
-                spec["size"], tuple(spec["mean"]), tuple(spec["std"]))
+                spec["size"], tuple(spec["mean"]), tuple(spec["std"]), spec.get("resize", "pillow"))
         except (KeyError, TypeError, ValueError):
             raise ValueError(f"{path} was not written by export.py (its metadata lack the label "
                              "map, decoding settings and input)") from None

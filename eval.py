@@ -10,6 +10,11 @@ AP for small, medium and large objects, AR@1/10/100, all per class and overall, 
 the pixels of each image (VOC's difficult objects count as COCO's crowd regions). It writes
 results.json and pr_curves.png next to the checkpoint. Other
 decoding settings need an --out folder of their own, so that they never replace those results.
+
+The test lists' classes are matched to the network's by name, so they may be any subset of
+them, at any index: a converted COCO checkpoint (torchvision's 91 indices) evaluates on lists
+that create_data_lists.py --coco-test made from COCO's val2017 (labels 1..80); detections of
+classes the lists lack are left out before any metric.
 """
 import argparse
 import sys
@@ -19,7 +24,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from datasets import DataError, PascalVOCDataset, check_same_classes, collate_fn, model_input, start_loading
+from datasets import DataError, PascalVOCDataset, collate_fn, model_input, start_loading
 from gpu_augment import decode_place, render_batch
 from metrics import coco_metrics, mean_average_precision, precision_recall_curves
 from model import load_checkpoint
@@ -68,32 +73,73 @@ def predict(net, dataset, device, batch_size=32, workers=2, amp_dtype=None,
 
 
 def evaluate(net, dataset, device, batch_size=32, workers=2, amp_dtype=None,
-             memory_format=torch.contiguous_format, progress=True, coco=True, **decode):
+             memory_format=torch.contiguous_format, progress=True, coco=True, classes=None, **decode):
     """VOC07 11-point and VOC2010+ area mAP of `net` on `dataset` (kept difficult objects),
     and with coco=True the COCO metrics.
 
+    classes: the net's label map (name -> index), where its classes are not the dataset's
+    (class_lookup): its detections are then counted as the dataset's class of the same name,
+    and those of classes the dataset lacks are left out before any metric.
     Returns a dict: mAP_07, mAP, per-class aps_07 and aps (by class name), images_per_s,
     the precision-recall curves by class name, and with coco=True coco ({metric: value},
     metrics.COCO_METRICS) and coco_per_class ({class name: {metric: value}}).
     """
+    lookup = class_lookup(classes, dataset.label_map, net.n_classes) if classes else None
     start = time.perf_counter()
     dets, truth = predict(net, dataset, device, batch_size, workers, amp_dtype, memory_format,
                           progress=progress, **decode)
     images_per_s = len(dataset) / (time.perf_counter() - start)
+    n_classes = net.n_classes
+    if lookup is not None:
+        dets, n_classes = relabelled(dets, lookup), max(dataset.label_map.values()) + 1
     args = (dets["boxes"], dets["labels"], dets["scores"], truth["boxes"], truth["labels"],
-            truth["difficulties"], net.n_classes)
-    names = {i: name for name, i in dataset.label_map.items()}
+            truth["difficulties"], n_classes)
+    names = {i: name for name, i in dataset.label_map.items() if i > 0}
+
+    def by_name(per_class):          # indices that name no class (COCO's "N/A") find nothing
+        return {names[c]: value for c, value in per_class.items() if c in names}
     curves = precision_recall_curves(*args)              # the matching runs once, here
     aps_07, mAP_07 = mean_average_precision(curves, use_07_metric=True)
     aps, mAP = mean_average_precision(curves, use_07_metric=False)
     result = dict(mAP_07=mAP_07, mAP=mAP, images_per_s=images_per_s,
-                  aps_07={names[c]: ap for c, ap in aps_07.items()},
-                  aps={names[c]: ap for c, ap in aps.items()},
-                  curves={names[c]: curve for c, curve in curves.items()})
+                  aps_07=by_name(aps_07), aps=by_name(aps), curves=by_name(curves))
     if coco:
-        overall, per_class = coco_metrics(*coco_inputs(dets, dataset), net.n_classes)
-        result.update(coco=overall, coco_per_class={names[c]: m for c, m in per_class.items()})
+        overall, per_class = coco_metrics(*coco_inputs(dets, dataset), n_classes)
+        result.update(coco=overall, coco_per_class=by_name(per_class))
     return result
+
+
+def class_lookup(classes, label_map, n_classes):
+    """The network's class index -> the dataset's, by name (a long tensor of n_classes, -1
+    for the classes the dataset does not have), or None where the label maps are the same.
+    classes: the network's label map; label_map: the dataset's, whose classes must all be the
+    network's (in any order, at any index: COCO's ids with gaps, labels 1..80, a subset), else
+    a DataError naming those that are not."""
+    if classes == label_map:
+        return None
+    missing = sorted(name for name in label_map if name not in classes)
+    if missing:
+        common = len(label_map) - len(missing) - 1            # background aside
+        raise DataError(f"the network does not detect {len(missing)} of the test lists' classes "
+                        f"({', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''})"
+                        + ("; they share no class: lists of another dataset?" if common == 0 else ""))
+    lookup = torch.full((n_classes,), -1, dtype=torch.long)
+    for name, index in label_map.items():
+        lookup[classes[name]] = index
+    return lookup
+
+
+def relabelled(dets, lookup):
+    """Per-image detections with their labels mapped through `lookup` (class_lookup), those
+    that map to -1 left out."""
+    out = {"boxes": [], "labels": [], "scores": []}
+    for boxes, labels, scores in zip(dets["boxes"], dets["labels"], dets["scores"]):
+        mapped = lookup[labels]
+        kept = mapped >= 0
+        out["boxes"].append(boxes[kept])
+        out["labels"].append(mapped[kept])
+        out["scores"].append(scores[kept])
+    return out
 
 
 def coco_inputs(dets, dataset):
@@ -186,10 +232,9 @@ def main(argv=None):
         if data_folder is None:
             raise DataError(f"{args.checkpoint} records no data folder (it was converted, not "
                             "trained here): give the test lists with --data-folder")
+        spec = model_input(config)
         dataset = PascalVOCDataset(data_folder, "test", keep_difficult=True, on_error="mark",
-                                   decode=decode_place(args.gpu_decode, device),
-                                   model_input=model_input(config))
-        check_same_classes(config["label_map"], dataset.label_map, args.checkpoint, data_folder)
+                                   decode=decode_where(args.gpu_decode, device, spec), model_input=spec)
         out = writable_folder(args.out or Path(args.checkpoint).parent)
         return evaluate_and_report(net, checkpoint, dataset, data_folder, out, args, device)
     except (DataError, FileNotFoundError, ValueError) as e:
@@ -200,6 +245,17 @@ def main(argv=None):
         return 1
 
 
+def decode_where(choice, device, spec):
+    """PascalVOCDataset's decode for --gpu-decode (gpu_augment.decode_place), but "cpu" for a
+    network whose input OpenCV resizes (amdegroot's weights): that resize runs on the CPU."""
+    if spec.resize == "opencv":
+        if choice:
+            print("this network's input is resized with OpenCV, on the CPU: --gpu-decode does not "
+                  "apply", file=sys.stderr)
+        return "cpu"
+    return decode_place(choice, device)
+
+
 def evaluate_and_report(net, checkpoint, dataset, data_folder, out, args, device):
     """Evaluate, print the table, and write results.json and pr_curves.png into `out`."""
     amp_dtype, memory_format = choose_precision(args.amp, device, args.channels_last)
@@ -208,7 +264,8 @@ def evaluate_and_report(net, checkpoint, dataset, data_folder, out, args, device
     torch.backends.cudnn.benchmark = device.type == "cuda"
     result = evaluate(net.to(memory_format=memory_format), dataset, device, args.batch_size,
                       args.workers, amp_dtype=amp_dtype, memory_format=memory_format,
-                      min_score=args.min_score, max_overlap=args.max_overlap, top_k=args.top_k)
+                      classes=checkpoint["config"]["label_map"], min_score=args.min_score,
+                      max_overlap=args.max_overlap, top_k=args.top_k)
     print_table(result)
     if not result["aps_07"]:
         print("warning: no class has a test object that is not difficult: mAP is undefined "

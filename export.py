@@ -27,8 +27,9 @@ With --no-postprocess the outputs are the raw heads instead: "locs" N x P x 4 of
 "scores" N x P x C logits (P priors), for runtimes that do their own decoding.
 
 The metadata (metadata_props) hold "label_map" (JSON, class name -> index), "decoding" (JSON:
-the four settings above, or null for --no-postprocess) and "model_input" (JSON: "size", and the
-"mean" and "std" of the normalisation on 0-1 RGB values), which detect.py --onnx reads.
+the four settings above, or null for --no-postprocess) and "model_input" (JSON: "size", the
+"mean" and "std" of the normalisation on 0-1 RGB values, and "resize": how an image of another
+size becomes S x S, datasets.RESIZE_METHODS), which detect.py --onnx reads.
 
 Before it reports success, the file is checked with onnx.checker and run by onnxruntime on a
 few images (--check-images, or three generated shapes images) next to the PyTorch model:

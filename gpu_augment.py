@@ -31,7 +31,7 @@ import torch.nn.functional as F
 import PIL
 from PIL import Image
 
-from datasets import DEFAULT_INPUT, Batch, cannot_read, photometric_tables, visible_window
+from datasets import DEFAULT_INPUT, Batch, cannot_read, photometric_tables, resize_as_torchvision, visible_window
 
 # Pillow's filters (Resample.c): support radius at scale 1.
 FILTER_SUPPORT = {Image.BOX: 0.5, Image.BILINEAR: 1.0, Image.BICUBIC: 2.0, Image.LANCZOS: 3.0}
@@ -498,13 +498,22 @@ def normalise(pixels, model_input, memory_format=torch.contiguous_format):
 def render_batch(batch, device, memory_format=torch.contiguous_format, model_input=DEFAULT_INPUT):
     """A Batch of PendingImages (collate_fn of a decode="device" dataset) -> the Batch of their
     samples (training or evaluation), as the CPU path makes them: images float32 (N', 3, S, S)
-    normalised as model_input says (the dataset's), on `device` in `memory_format`; the images
-    that cannot be decoded left out with their targets, their messages (as the CPU path's)
-    added to `problems`."""
+    normalised and resized as model_input says (the dataset's), on `device` in
+    `memory_format`; the images that cannot be decoded left out with their targets, their
+    messages (as the CPU path's) added to `problems`. Evaluation's samples of a network that
+    expects torchvision's resize are made by it (datasets.resize_as_torchvision); OpenCV's
+    resize (amdegroot's weights) runs on the CPU only: eval.py decodes those there."""
+    if model_input.resize == "opencv":
+        raise ValueError("OpenCV's resize runs on the CPU: decode these images in the loader processes")
     decoded, problems = decode(batch.images, device)
     kept = [i for i, pixels in enumerate(decoded) if pixels is not None]
-    images = make_samples([decoded[i] for i in kept], [batch.images[i] for i in kept], device, memory_format,
-                          model_input)
+    if model_input.resize == "torchvision":       # whole images, unaugmented (training resizes with Pillow)
+        images = torch.stack([resize_as_torchvision(decoded[i], model_input) for i in kept]) if kept else \
+            torch.zeros(0, 3, model_input.size, model_input.size, device=device)
+        images = images.contiguous(memory_format=memory_format)
+    else:
+        images = make_samples([decoded[i] for i in kept], [batch.images[i] for i in kept], device,
+                              memory_format, model_input)
     return Batch(images, *([column[i] for i in kept] for column in batch[1:4]), batch.problems + problems)
 
 

@@ -336,8 +336,9 @@ class SSD(nn.Module):
 
     priors: the PriorConfig of the default boxes (default: PRIOR_CONFIGS[model]); it fixes
     the input size. Other configurations serve imported weights (convert_weights.py), as does
-    preprocessing: the normalisation the weights expect, {"mean": [r, g, b], "std": [r, g, b]}
-    on 0-1 RGB values; None for ImageNet's (datasets.model_input reads it from `config`).
+    preprocessing: the input the weights expect, {"mean": [r, g, b], "std": [r, g, b]} on 0-1
+    RGB values, and "resize" (datasets.RESIZE_METHODS; none: this repository's); None for
+    ImageNet's (datasets.model_input reads it from `config`).
     n_classes counts the background as class 0. width scales every channel count (1.0 is the
     paper's; the CPU presets use less). pretrained: False, True (torchvision's ImageNet
     weights) or the path of a saved torchvision VGG16 / ResNet-34 state dict.

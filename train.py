@@ -349,7 +349,10 @@ def load_init_state(path, config):
                              f"{option} {source.get(key)} (or the --preset it was trained with)")
     config["pretrained"] = False              # its weights replace any ImageNet weights
     config["priors"] = as_plain_dict(prior_config(source))
-    config["preprocessing"] = source.get("preprocessing")
+    # Its normalisation, which its features expect; but this repository's resize: the network
+    # now learns from samples that Pillow resizes (datasets.render), and is then tested as it learnt.
+    preprocessing = {k: v for k, v in (source.get("preprocessing") or {}).items() if k != "resize"}
+    config["preprocessing"] = preprocessing or None
     return state
 
 

@@ -40,19 +40,46 @@ def test_eval_defaults_to_the_runs_data_and_folder(checkpoint):
     assert (checkpoint.parent / "results.json").is_file()
 
 
-def test_classes_must_match_the_checkpoint(checkpoint, shapes_lists, tmp_path, capsys):
-    for f in shapes_lists.iterdir():
-        (tmp_path / f.name).write_bytes(f.read_bytes())
-    (tmp_path / "label_map.json").write_text(json.dumps({"background": 0, "cat": 1, "dog": 2, "cow": 3}))
-    assert evaluation.main([str(checkpoint), "--data-folder", str(tmp_path), "--workers", "0"]) == 2
-    err = capsys.readouterr().err
-    assert "has classes ['circle', 'square', 'triangle']" in err and "['cat', 'dog', 'cow']" in err
-    # The same classes in another order: the message says so rather than listing two equal sets.
-    (tmp_path / "label_map.json").write_text(
-        json.dumps({"background": 0, "square": 1, "circle": 2, "triangle": 3}))
-    assert evaluation.main([str(checkpoint), "--data-folder", str(tmp_path), "--workers", "0"]) == 2
-    assert ("in another order: ['square', 'circle', 'triangle'] instead of "
-            "['circle', 'square', 'triangle']") in capsys.readouterr().err
+def relabelled_lists(shapes_lists, folder, label_map, keep=None):
+    """A copy of the shapes lists' test split under another label map (name -> index), each
+    object relabelled by its class name; only the classes in `keep` if given."""
+    folder.mkdir()
+    names = {i: name for name, i in json.loads((shapes_lists / "label_map.json").read_text()).items()}
+    objects = json.loads((shapes_lists / "TEST_objects.json").read_text())
+    for entry in objects:
+        kept = [k for k, label in enumerate(entry["labels"]) if keep is None or names[label] in keep]
+        for key in ("boxes", "difficulties"):
+            entry[key] = [entry[key][k] for k in kept]
+        entry["labels"] = [label_map[names[entry["labels"][k]]] for k in kept]
+    (folder / "TEST_objects.json").write_text(json.dumps(objects))
+    (folder / "TEST_images.json").write_text((shapes_lists / "TEST_images.json").read_text())
+    (folder / "label_map.json").write_text(json.dumps(label_map))
+    return folder
+
+
+def test_test_classes_are_matched_to_the_checkpoints_by_name(checkpoint, shapes_lists, tmp_path, capsys):
+    """Another order, a subset at other indices (with a gap): the same AP per class as the
+    checkpoint's own lists give; lists of other classes are refused in one line."""
+    def evaluate(folder, out):
+        assert evaluation.main([str(checkpoint), "--data-folder", str(folder), "--workers", "0",
+                                "--amp", "off", "--out", str(tmp_path / out)]) == 0
+        return json.loads((tmp_path / out / "results.json").read_text())
+
+    reference = evaluate(shapes_lists, "reference")
+    reordered = evaluate(relabelled_lists(shapes_lists, tmp_path / "reordered",
+                                          {"background": 0, "square": 1, "triangle": 2, "circle": 3}), "r")
+    subset = evaluate(relabelled_lists(shapes_lists, tmp_path / "subset", {"background": 0, "triangle": 2,
+                                                                           "circle": 5}, keep=("circle", "triangle")), "s")
+    assert reordered["aps_07"] == reference["aps_07"] and reordered["coco"] == reference["coco"]
+    assert subset["aps_07"] == {c: reference["aps_07"][c] for c in ("circle", "triangle")}
+    assert subset["coco_per_class"]["circle"] == reference["coco_per_class"]["circle"]
+    other = relabelled_lists(shapes_lists, tmp_path / "other", json.loads((shapes_lists / "label_map.json").read_text()))
+    (other / "label_map.json").write_text(json.dumps({"background": 0, "cat": 1, "dog": 2, "cow": 3}))
+    capsys.readouterr()
+    assert evaluation.main([str(checkpoint), "--data-folder", str(other), "--workers", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not detect 3 of the test lists' classes (cat, cow, dog)" in err[0]
+    assert "share no class" in err[0]
 
 
 def test_missing_checkpoint_data_or_foreign_file(checkpoint, tmp_path, capsys):
