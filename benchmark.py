@@ -38,13 +38,16 @@ Sections:
   eval        evaluation images/s of eval.predict (data loading, network and decoding), both
               bases at full and toy width, on untrained weights (more boxes reach NMS than
               with a trained model); on CUDA also with the JPEGs decoded there (--gpu-decode)
-  deploy      CPU latency at batch 1 of the whole detector (network and decoding at the
-              paper's settings), both bases, untrained: PyTorch fp32, PyTorch in what --amp auto
-              picks, and onnxruntime running export.py's graph (needs onnx and onnxruntime)
+  deploy      CPU latency at batch 1 and 8 of the whole detector (network and decoding at the
+              paper's settings) for SSD300-VGG16, SSD300-ResNet34 and SSD512-VGG16, random
+              weights with a trained model's confidence in the background: PyTorch fp32,
+              PyTorch in what --amp auto picks, onnxruntime running export.py's graph in fp32
+              and INT8 (--int8), against the INT8 compute floor (needs onnx and onnxruntime)
 Prints a Markdown table; figures in docs/benchmarks.md came from this script.
 """
 import argparse
 import contextlib
+import copy
 import io
 import itertools
 import json
@@ -104,6 +107,15 @@ def timed_alternately(fns, device, repeats=5, warmup=2):
             if round_ >= warmup:
                 fn_times.append(time.perf_counter() - start)
     return [statistics.median(t) for t in times]
+
+
+def timed_in_blocks(fns, device, rounds=2, repeats=5, warmup=2):
+    """The median seconds of each of fns, each timed in a block of its own calls (`timed`),
+    the blocks in turn `rounds` times; the smaller of a fn's medians. For runtimes that share
+    the cores (PyTorch's OpenMP threads, onnxruntime's pool): alternating single calls would
+    time each one against the other's threads still spinning after their work."""
+    return [min(medians) for medians in zip(*([timed(fn, device, repeats, warmup) for fn in fns]
+                                               for _ in range(rounds)))]
 
 
 def random_targets(n_images, n_classes, generator, max_objects=6):
@@ -648,9 +660,42 @@ def section_eval(device, args):
 
 @torch.no_grad()
 def detect_with_pytorch(net, x, dtype):
-    """An SSD300's detections in x (N x 3 x 300 x 300), in autocast `dtype` (None: fp32)."""
+    """An SSD's detections in x (N x 3 x S x S), in autocast `dtype` (None: fp32)."""
     with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
         return net.detect_objects(*net(x))
+
+
+def int8_matmul_rate(threads):
+    """Integer operations/s of a large uint8 x int8 matrix product in onnxruntime
+    (MatMulInteger, 2048^3): the ceiling its 8-bit convolutions can reach on this CPU."""
+    import onnxruntime
+    from onnx import TensorProto, helper, numpy_helper
+    n = 2048
+    rng = np.random.default_rng(0)
+    weights = numpy_helper.from_array(rng.integers(-128, 128, (n, n)).astype(np.int8), "B")
+    graph = helper.make_graph([helper.make_node("MatMulInteger", ["A", "B"], ["Y"])], "matmul",
+                              [helper.make_tensor_value_info("A", TensorProto.UINT8, [n, n])],
+                              [helper.make_tensor_value_info("Y", TensorProto.INT32, [n, n])], [weights])
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = onnxruntime.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+                                           .SerializeToString(), options, providers=["CPUExecutionProvider"])
+    a = rng.integers(0, 256, (n, n)).astype(np.uint8)
+    return 2 * n ** 3 / timed(lambda: session.run(None, {"A": a}), torch.device("cpu"), repeats=10)
+
+
+def trained_like(net):
+    """`net` with its class-score heads biased towards the background, as a trained model's
+    are: few boxes pass the 0.01 threshold and reach NMS (random weights send every class's
+    top 400), so that the decoding costs what it costs in use."""
+    with torch.no_grad():
+        for conv in net.pred_convs.cl:
+            conv.bias.view(-1, net.n_classes)[:, 0] += 8.0
+    return net
+
+
+DEPLOYED = [("SSD300-VGG16", "vgg16", "ssd300"), ("SSD300-ResNet34", "resnet34", "ssd300"),
+            ("SSD512-VGG16", "vgg16", "ssd512")]
 
 
 def section_deploy(device, args):
@@ -660,27 +705,53 @@ def section_deploy(device, args):
     import onnxruntime
 
     import export
+    capabilities = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    kernels = ", ".join(k for k in ("avx2", "avx512", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8",
+                                     "amx_bf16") if capabilities.get(k))
+    print(f"deploy: this CPU's instructions: {kernels or 'unknown'}")
+    int8_rate, bf16_rate = int8_matmul_rate(args.threads), bf16_matmul_rate(device)
+    report("deploy", "INT8 matmul rate (onnxruntime MatMulInteger, 2048^3)", int8_rate / 1e9, "GOP/s",
+           f"bf16 (PyTorch): {bf16_rate / 1e9:.0f} GFLOP/s")
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = args.threads              # as many threads as PyTorch's
-    x = torch.randn(1, 3, 300, 300)
     dtype, memory_format = utils.choose_precision("auto", device)
-    for name, backbone, width in BASES:
-        net = model.SSD(21, backbone, width=width).eval()
-        t = timed(lambda: detect_with_pytorch(net, x, None), device, repeats=5)
-        report("deploy", f"{name}, PyTorch fp32, batch 1", t * 1e3, "ms/image", "network and decoding")
-
-        proto = export.export(net, {f"class {i}": i for i in range(21)}, export.DECODING)
-        session = onnxruntime.InferenceSession(proto.SerializeToString(), options,
-                                               providers=["CPUExecutionProvider"])
-        t = timed(lambda: session.run(None, {"images": x.numpy()}), device, repeats=5)
-        report("deploy", f"{name}, onnxruntime {onnxruntime.__version__} fp32, batch 1", t * 1e3,
-               "ms/image", "export.py's graph, decoding inside")
-
-        net = net.to(memory_format=memory_format)
-        x_fast = x.contiguous(memory_format=memory_format)
-        t = timed(lambda: detect_with_pytorch(net, x_fast, dtype), device, repeats=5)
-        report("deploy", f"{name}, PyTorch {utils.describe_precision(dtype, memory_format)}, batch 1",
-               t * 1e3, "ms/image", "what --amp auto picks")
+    auto = utils.describe_precision(dtype, memory_format)
+    reduce_range, why = export.reduce_range_for("auto")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, backbone, size in DEPLOYED:
+            torch.manual_seed(0)
+            net = trained_like(model.SSD(21, backbone, model=size)).eval()
+            spec = datasets.model_input(net.config)
+            with FlopCounterMode(display=False) as counter, torch.no_grad():
+                net(torch.randn(1, 3, spec.size, spec.size))
+            lists = shapes_lists(Path(tmp) / name, 16, 8, size=(500, 375))
+            calibration = datasets.PascalVOCDataset(lists, "train", augment=False, model_input=spec)
+            proto = export.export(net, {f"class {i}": i for i in range(21)}, export.DECODING)
+            sessions = {"fp32": onnxruntime.InferenceSession(proto.SerializeToString(), options,
+                                                             providers=["CPUExecutionProvider"]),
+                        "INT8": onnxruntime.InferenceSession(
+                            export.quantize(proto, calibration, list(range(16)), reduce_range).SerializeToString(),
+                            options, providers=["CPUExecutionProvider"])}
+            fast = copy.deepcopy(net).to(memory_format=memory_format)
+            test = datasets.PascalVOCDataset(lists, "test", model_input=spec)
+            for batch in (1, 8):
+                x = torch.stack([test[i][0] for i in range(batch)])
+                x_fast = x.contiguous(memory_format=memory_format)
+                with torch.inference_mode():
+                    times = timed_in_blocks(
+                        [lambda: detect_with_pytorch(net, x, None), lambda: detect_with_pytorch(fast, x_fast, dtype),
+                         lambda: sessions["fp32"].run(None, {"images": x.numpy()}),
+                         lambda: sessions["INT8"].run(None, {"images": x.numpy()})], device)
+                pt32, pt_auto, ort32, int8 = (t / batch * 1e3 for t in times)
+                where = f"{name}, batch {batch}"
+                report("deploy", f"{where}, PyTorch fp32", pt32, "ms/image", "network and decoding")
+                report("deploy", f"{where}, PyTorch {auto}", pt_auto, "ms/image", "what --amp auto picks")
+                report("deploy", f"{where}, onnxruntime {onnxruntime.__version__} fp32", ort32, "ms/image",
+                       "export.py's graph, decoding inside")
+                report("deploy", f"{where}, onnxruntime INT8", int8, "ms/image",
+                       f"export.py --int8 ({why}); {int8 / ort32:.2f}x onnxruntime fp32, "
+                       f"{int8 / pt_auto:.2f}x PyTorch {auto}; "
+                       f"{int8 / (counter.get_total_flops() / int8_rate * 1e3):.1f}x the INT8 compute floor")
 
 
 SECTIONS = dict(model=section_model, loss=section_loss, detect=section_detect,

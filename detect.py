@@ -208,6 +208,7 @@ class OnnxDetector:
         try:
             self.label_map = json.loads(metadata["label_map"])
             self.decoding = json.loads(metadata["decoding"])
+            self.quantization = json.loads(metadata.get("quantization", "null"))   # export.py --int8
             # Exports from before the input was recorded are all SSD300 with ImageNet's.
             spec = json.loads(metadata.get("model_input", "null"))
             self.model_input = DEFAULT_INPUT if spec is None else ModelInput(
@@ -363,7 +364,8 @@ def load_detector(args):
         detector = OnnxDetector(args.onnx)
         detector.check_settings(args.min_score, args.max_overlap)
         baked = detector.decoding
-        print(f"onnxruntime: {args.onnx}, its decoding: scores above {baked['min_score']}, NMS at "
+        weights = "" if detector.quantization is None else f" (INT8: weights {detector.quantization['weights']})"
+        print(f"onnxruntime: {args.onnx}{weights}, its decoding: scores above {baked['min_score']}, NMS at "
               f"IoU {baked['max_overlap']}, top {baked['top_k']} per image", file=sys.stderr)
         run = functools.partial(detector.detect_batch, min_score=args.min_score, top_k=args.top_k)
         return run, class_names(detector.label_map)

@@ -4,6 +4,7 @@
     python export.py CHECKPOINT --out model.onnx [--min-score 0.01] [--max-overlap 0.45]
                      [--top-k 200] [--per-class-top-k 400] [--check-images INPUT ...]
     python export.py CHECKPOINT --out heads.onnx --no-postprocess
+    python export.py CHECKPOINT --out model_int8.onnx --int8 --calibrate LISTS [--calibration-images 300]
 
 The model's input is "images": a float32 batch N x 3 x S x S (S = 300 for SSD300, 512 for
 SSD512), normalised as datasets.to_model_input does for the checkpoint (RGB; the ImageNet mean
@@ -31,6 +32,17 @@ the four settings above, or null for --no-postprocess) and "model_input" (JSON: 
 "mean" and "std" of the normalisation on 0-1 RGB values, and "resize": how an image of another
 size becomes S x S, datasets.RESIZE_METHODS), which detect.py --onnx reads.
 
+--int8 writes the model with its network in 8-bit integers (onnxruntime's static quantization:
+QDQ, weights int8 per output channel, activations uint8), calibrated on --calibration-images
+images of the training split of the lists --calibrate names, made as the model's input (the
+checkpoint's resize and normalisation); the decoding, conv4_3's L2 normalisation and the first
+convolution stay in float32 (see FLOAT_PARTS). "quantization" in the metadata records how,
+and detect.py --onnx runs it as any other export. It then reports, in one line, how the INT8
+model agrees with the float32 one on held-out images (the lists' test split, its first
+--int8-check-images; else training images not used for calibration) and, with a test split,
+the VOC07 mAP of both. On CPUs without VNNI instructions the integer kernels can saturate:
+--reduce-range auto (the default) quantizes weights to 7 bits there, as onnxruntime advises.
+
 Before it reports success, the file is checked with onnx.checker and run by onnxruntime on a
 few images (--check-images, or three generated shapes images) next to the PyTorch model:
 the same labels, and boxes and scores within 1e-4 (of the image size, for boxes); otherwise
@@ -50,11 +62,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from datasets import DataError, load_image, model_input, to_model_input
+from datasets import DataError, PascalVOCDataset, load_image, model_input, to_model_input
 from shapes import make_shapes_dataset
 from detect import find_images, import_optional
+from eval import class_lookup, relabelled
+from metrics import calculate_mAP
 from model import decode_predictions, detect_objects, load_checkpoint
-from utils import EVAL_DECODING, HelpFormatter, atomic_write, bounded, writable_folder
+from utils import DRAW_DECODING, EVAL_DECODING, HelpFormatter, atomic_write, bounded, pairwise_iou, writable_folder
 
 # The paper's evaluation settings (min_score, max_overlap, top_k, per_class_top_k).
 DECODING = EVAL_DECODING._asdict()
@@ -250,6 +264,170 @@ def check_parity(net, session, images, decoding):
 
 
 # ----------------------------------------------------------------------------------------
+# INT8
+# ----------------------------------------------------------------------------------------
+
+# The operators --int8 quantizes: convolutions with their ReLUs (fused into one integer
+# convolution) and max pooling, which passes 8-bit values through.
+QUANTIZED_OPS = ["Conv", "Relu", "MaxPool"]
+# What stays in float32, and why (float_parts):
+#   - the decoding (offsets against the priors, softmax, per-class top-k, NMS): little
+#     arithmetic, and its values (exponentials of offsets, probabilities near the 0.01
+#     threshold) are those 8 bits keep worst;
+#   - conv4_3's L2 normalisation and scaling: a sum of squares over 512 channels and a
+#     division, and a learned scale (20 at the start) that multiplies any rounding;
+#   - the first convolution: 3 input channels are too shallow for the integer kernels (on the
+#     2-core Xeon, SSD300-VGG16's conv1_1 took 7.3 ms in INT8 against 2.9 ms in float32, for
+#     0.5% of the arithmetic), and the raw image is the input most sensitive to rounding.
+FLOAT_PARTS = ("the decoding", "conv4_3's L2 normalisation", "the first convolution")
+
+
+def float_parts(proto):
+    """Names of the nodes of an export (of export(), after quant_pre_process) that FLOAT_PARTS
+    keeps in float32: the network's nodes are under /net/ (the decoding's are not)."""
+    first_conv = next(node.name for node in proto.graph.node if node.op_type == "Conv")
+    return [node.name for node in proto.graph.node
+            if not node.name.startswith("/net/") or node.name.startswith("/net/l2_norm/") or node.name == first_conv]
+
+
+def has_vnni():
+    """Whether this CPU has integer dot-product instructions (AVX-512 VNNI, AVX-VNNI or AMX),
+    with which onnxruntime's 8-bit kernels cannot saturate. False where torch cannot tell."""
+    capabilities = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    return any(capabilities.get(key, False) for key in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+def reduce_range_for(choice):
+    """--reduce-range: (7-bit weights?, why). auto: off on a CPU with VNNI; on without it, where
+    onnxruntime's u8s8 kernels (vpmaddubsw) add pairs of 8-bit products in 16 bits, which can
+    saturate with full-range weights (onnxruntime's quantization guidance)."""
+    if choice == "auto":
+        vnni = has_vnni()
+        return (not vnni, "auto: this CPU has VNNI, 8-bit weights" if vnni else
+                "auto: this CPU has no VNNI, 7-bit weights against saturation")
+    return choice == "on", f"--reduce-range {choice}"
+
+
+def calibration_images(lists, spec, count):
+    """`count` training images of the lists (evenly spread over the split, all of them if it
+    has fewer), made as the model's input: (dataset, indices). A DataError in one line if
+    the split is missing or empty, or (when read) an image cannot be."""
+    dataset = PascalVOCDataset(lists, "train", augment=False, model_input=spec)
+    if len(dataset) == 0:
+        raise DataError(f"{lists}: the training split is empty: nothing to calibrate --int8 with")
+    indices = sorted(set(np.linspace(0, len(dataset) - 1, min(count, len(dataset))).round().astype(int).tolist()))
+    return dataset, indices
+
+
+def quantize(proto, dataset, indices, reduce_range):
+    """The INT8 model (an onnx.ModelProto) of a float32 export: onnxruntime's shape inference
+    and graph cleanup (quant_pre_process), then static quantization (quantize_static: QDQ,
+    per-channel int8 weights, uint8 activations, min-max ranges over the calibration images,
+    QUANTIZED_OPS, FLOAT_PARTS left in float32). The metadata are the float export's."""
+    onnx = import_optional("onnx", "export.py --int8")
+    import_optional("onnxruntime", "export.py --int8")
+    from onnxruntime import quantization
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(quantization.CalibrationDataReader):
+        """The calibration images one at a time, read as they are asked for, a range of them
+        at a time (set_range, for CalibStridedMinMax)."""
+
+        def __init__(self):
+            self.pending = iter(())
+
+        def __len__(self):
+            return len(indices)
+
+        def set_range(self, start_index, end_index):
+            self.pending = iter(indices[start_index:end_index])
+
+        def get_next(self):
+            index = next(self.pending, None)
+            return None if index is None else {"images": dataset[index][0][None].numpy()}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        float_path, prepared, quantized = (Path(tmp) / name for name in ("float.onnx", "prepared.onnx", "int8.onnx"))
+        onnx.save(proto, float_path)
+        # Symbolic shape inference stops at NonMaxSuppression's data-dependent output size.
+        quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=True)
+        quantization.quantize_static(
+            str(prepared), str(quantized), Reader(), quant_format=quantization.QuantFormat.QDQ,
+            per_channel=True, reduce_range=reduce_range, activation_type=quantization.QuantType.QUInt8,
+            weight_type=quantization.QuantType.QInt8, op_types_to_quantize=QUANTIZED_OPS,
+            nodes_to_exclude=float_parts(onnx.load(prepared)),
+            calibrate_method=quantization.CalibrationMethod.MinMax,
+            # The ranges folded in every few images: the intermediate outputs of hundreds of
+            # images would not fit in memory. (CalibMaxIntermediateOutputs, meant for this,
+            # drops every full group of outputs unused in onnxruntime 1.32: calibrate.py's
+            # collect_data clears them before computing their ranges.)
+            extra_options={"CalibStridedMinMax": max(k for k in range(1, 17) if len(indices) % k == 0)})
+        model = onnx.load(quantized)
+    del model.metadata_props[:]
+    model.metadata_props.extend(proto.metadata_props)
+    return model
+
+
+def onnx_detections(session, dataset, indices, batch_size=8):
+    """An export's detections (with its decoding) on dataset[i] for i in indices: per image
+    (boxes k x 4 fractions, labels k, scores k), as tensors."""
+    found = []
+    for start in range(0, len(indices), batch_size):
+        images = torch.stack([dataset[i][0] for i in indices[start:start + batch_size]])
+        outputs = session.run(None, {"images": images.numpy()})
+        found += [tuple(torch.from_numpy(t) for t in unpadded(*(o[n] for o in outputs))) for n in range(len(images))]
+    return found
+
+
+def agreement(reference, other, min_score=DRAW_DECODING.min_score):
+    """(share of reference's detections scoring >= min_score that `other` finds again: the same
+    label, IoU >= 0.5; how many there were)."""
+    found = total = 0
+    for (boxes, labels, scores), (other_boxes, other_labels, _) in zip(reference, other):
+        sure = scores >= min_score
+        total += int(sure.sum())
+        if sure.any() and len(other_labels):
+            same = labels[sure][:, None] == other_labels[None, :]
+            found += int(((pairwise_iou(boxes[sure], other_boxes) >= 0.5) & same).any(1).sum())
+    return (found / total if total else 1.0), total
+
+
+def int8_report(float_session, int8_session, lists, spec, label_map, n_classes, calibrated, max_images):
+    """One line on the INT8 model against the float32 one: on the test split's first
+    max_images (with each one's VOC07 mAP), or without a test split on training images that
+    calibration did not see."""
+    try:
+        dataset = PascalVOCDataset(lists, "test", model_input=spec)
+        indices, where = list(range(min(max_images, len(dataset)))), "test images"
+    except DataError:
+        dataset = PascalVOCDataset(lists, "train", augment=False, model_input=spec)
+        unseen = sorted(set(range(len(dataset))) - set(calibrated))
+        indices, where = unseen[:max_images], "training images not used for calibration (no test split)"
+    if not indices:
+        return "INT8 not compared with float32: no held-out image"
+    float_dets, int8_dets = (onnx_detections(s, dataset, indices) for s in (float_session, int8_session))
+    share, total = agreement(float_dets, int8_dets)
+    line = (f"INT8 against float32 on {len(indices)} {where}: {100 * share:.1f}% of float32's {total} "
+            f"detections scoring >= {DRAW_DECODING.min_score} found again (same label, IoU >= 0.5)")
+    if where == "test images":
+        lookup = class_lookup(label_map, dataset.label_map, n_classes)
+        truth = [dataset.lists.objects(i) for i in indices]
+        sizes = torch.tensor([dataset.lists.size(i) or (1, 1) for i in indices], dtype=torch.float32).repeat(1, 2)
+        truth_boxes = [b / size for (b, _, _), size in zip(truth, sizes)]
+        maps = []
+        for dets in (float_dets, int8_dets):
+            dets = dict(zip(("boxes", "labels", "scores"), map(list, zip(*dets))))
+            if lookup is not None:
+                dets = relabelled(dets, lookup)
+            maps.append(calculate_mAP(dets["boxes"], dets["labels"], dets["scores"], truth_boxes,
+                                      [t[1] for t in truth], [t[2] for t in truth],
+                                      max(dataset.label_map.values()) + 1)[1])
+        line += "; VOC07 mAP " + ", ".join(f"{name} {'-' if m is None else f'{m:.4f}'}"
+                                            for name, m in (("float32", maps[0]), ("INT8", maps[1])))
+    return line
+
+
+# ----------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------
 
@@ -271,7 +449,22 @@ def parse_args(argv):
     p.add_argument("--check-images", nargs="+", metavar="INPUT",
                    help="images for the comparison with PyTorch (files, folders, patterns; "
                         "default: three generated shapes images)")
-    return p.parse_args(argv)
+    int8 = p.add_argument_group("INT8")
+    int8.add_argument("--int8", action="store_true",
+                      help="quantize the network to 8-bit integers (needs --calibrate)")
+    int8.add_argument("--calibrate", metavar="LISTS",
+                      help="lists folder (create_data_lists.py) whose training split calibrates --int8")
+    int8.add_argument("--calibration-images", type=bounded(int, 1), default=300,
+                      help="training images to calibrate with (all of them if the split has fewer)")
+    int8.add_argument("--reduce-range", choices=["auto", "on", "off"], default="auto",
+                      help="7-bit weights, against saturation on CPUs without VNNI; auto: as this "
+                           "CPU needs (on: for models that will run on such CPUs)")
+    int8.add_argument("--int8-check-images", type=bounded(int, 1), default=500,
+                      help="held-out images on which INT8 is compared with float32")
+    args = p.parse_args(argv)
+    if args.int8 != bool(args.calibrate):
+        p.error("--int8 needs --calibrate LISTS, and --calibrate is for --int8")
+    return args
 
 
 def main(argv=None):
@@ -282,12 +475,19 @@ def main(argv=None):
         ort = import_optional("onnxruntime", "export.py")
         writable_folder(args.out.parent)                 # before the export, not after it
         net, checkpoint = load_checkpoint(args.checkpoint)
-        images = check_images(args.check_images, model_input(net.config))
+        spec = model_input(net.config)
+        images = check_images(args.check_images, spec)
+        if args.int8:
+            calibration = calibration_images(args.calibrate, spec, args.calibration_images)
         proto = export(net, checkpoint["config"]["label_map"], decoding)
-        with atomic_write(args.out, "wb") as f:
-            f.write(proto.SerializeToString())
-        session = ort.InferenceSession(str(args.out), providers=["CPUExecutionProvider"])
+        if not args.int8:                     # written first: left for inspection if the check fails
+            with atomic_write(args.out, "wb") as f:
+                f.write(proto.SerializeToString())
+        session = ort.InferenceSession(proto.SerializeToString() if args.int8 else str(args.out),
+                                       providers=["CPUExecutionProvider"])
         differences, count = check_parity(net, session, images, decoding)
+        if args.int8:
+            report = write_int8(proto, session, calibration, net, checkpoint, args)
     except (FileNotFoundError, ValueError) as error:         # bad arguments or inputs (DataError too)
         print(f"export.py: error: {error}", file=sys.stderr)
         return 2
@@ -296,10 +496,37 @@ def main(argv=None):
         return 1
     what = (f"{count} detections on {len(images)} images" if decoding
             else f"raw heads of {len(images)} images")
-    print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB); onnx.checker passed; onnxruntime "
-          f"matches PyTorch on {what}, largest differences "
+    print(f"{'the float32 graph' if args.int8 else f'wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB)'}: "
+          f"onnx.checker passed; onnxruntime matches PyTorch on {what}, largest differences "
           + ", ".join(f"{k} {v:.2g}" for k, v in differences.items()), file=sys.stderr)
+    if args.int8:
+        print(report, file=sys.stderr)
     return 0
+
+
+def write_int8(proto, float_session, calibration, net, checkpoint, args):
+    """--int8: quantize the float32 export `proto`, write it to --out with its quantization in
+    the metadata, and return the report's lines (how, and how it agrees with float32)."""
+    ort = import_optional("onnxruntime", "export.py --int8")
+    (dataset, indices), spec = calibration, model_input(net.config)
+    reduce_range, why = reduce_range_for(args.reduce_range)
+    model = quantize(proto, dataset, indices, reduce_range)
+    details = dict(weights=f"int{7 if reduce_range else 8}, per output channel", activations="uint8",
+                   format="QDQ (onnxruntime quantize_static)", reduce_range=reduce_range,
+                   reduce_range_reason=why, float32=list(FLOAT_PARTS),
+                   calibration=dict(lists=str(args.calibrate), split="train", images=len(indices),
+                                    method="min-max"))
+    entry = model.metadata_props.add()
+    entry.key, entry.value = "quantization", json.dumps(details)
+    with atomic_write(args.out, "wb") as f:
+        f.write(model.SerializeToString())
+    int8_session = ort.InferenceSession(str(args.out), providers=["CPUExecutionProvider"])
+    comparison = ("INT8 not compared with float32 (--no-postprocess: no detections)" if args.postprocess is False
+                  else int8_report(float_session, int8_session, args.calibrate, spec,
+                                   checkpoint["config"]["label_map"], net.n_classes, indices, args.int8_check_images))
+    return (f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB): INT8, weights "
+            f"{details['weights']} ({why}), calibrated on {len(indices)} training images of {args.calibrate}\n"
+            + comparison)
 
 
 if __name__ == "__main__":
