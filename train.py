@@ -26,6 +26,7 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -33,13 +34,14 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from datasets import (CROP_POLICIES, ZOOM_OUT_MAX, DataError, PascalVOCDataset, check_same_classes,
-                      collate_fn, model_input, start_loading)
+                      collate_fn, load_image, model_input, start_loading)
+from distributed import RunLock, join, record_error
 from gpu_augment import decode_place, render_batch
 from model import FREEZE_CHOICES, MODELS, SSD, MultiBoxLoss, load_for_new_classes, read_checkpoint
 from priors import PRIOR_CONFIGS, as_plain_dict, prior_config
 from utils import (HelpFormatter, add_precision_arguments, atomic_torch_save, atomic_write, bounded,
-                   choose_precision, default_workers, describe_precision, pick_device,
-                   remove_stale_temporaries, save_figure)
+                   choose_precision, default_workers, describe_precision, remove_stale_temporaries,
+                   save_figure)
 
 # Settings a preset changes; anything given on the command line still wins.
 PRESETS = {
@@ -65,10 +67,18 @@ PRESETS = {
 # Settings a resumed run must keep: those that define the network, and which of its
 # parameters train (the optimizer's state is per parameter).
 KEPT_ON_RESUME = ("model", "backbone", "width", "n_classes", "base_bn", "freeze")
+# What a command with --resume auto must state as its checkpoint has it (where it states it):
+# the network, the data and the schedule. Another value is another run, not this one's restart.
+RUN_DEFINING = ("model", "backbone", "width", "base_bn", "freeze", "data_folder", "keep_difficult",
+                "crop", "zoom_out", "batch_size", "optimizer", "lr", "momentum", "betas",
+                "weight_decay", "iterations", "lr_steps", "lr_gamma", "warmup", "loc_loss", "seed",
+                "init_from")
 # AdamW's decay rates of its moment averages when not given: Adam's (and PyTorch's) defaults,
 # also what checkpoints from before --betas were trained with.
 ADAMW_BETAS = (0.9, 0.999)
 LOG_FIELDS = ["iteration", "loss", "loc_loss", "conf_loss", "lr", "images_per_s", "elapsed_s", "mAP"]
+# Batches in a row with an unreadable image after which --skip-bad-images stops all the same.
+MAX_BAD_BATCHES = 10
 
 
 def build_parser(suppress_defaults=False):
@@ -150,7 +160,10 @@ def build_parser(suppress_defaults=False):
                           "on a CPU in minutes")
     run.add_argument("--out", default=d("checkpoints/ssd300"), help="run folder")
     run.add_argument("--resume", nargs="?", const="latest", default=d(None),
-                     help="checkpoint to continue; alone: the run folder's checkpoint.pt")
+                     help="checkpoint to continue; alone: the run folder's checkpoint.pt; auto: "
+                          "that one if there is one, else start a new run (for job scripts, "
+                          "requeues and torchrun --max-restarts: the same command either way; "
+                          "refused where the checkpoint's run is not the command's)")
     run.add_argument("--init-from", metavar="CHECKPOINT", default=d(None),
                      help="start from a trained checkpoint's weights, for this data's classes: "
                           "base, auxiliary and localisation layers kept, class scores copied "
@@ -167,6 +180,13 @@ def build_parser(suppress_defaults=False):
                      help="iterations per log.csv row")
     run.add_argument("--save-every", type=bounded(int, 1), default=d(5000),
                      help="iterations per checkpoint")
+    run.add_argument("--save-minutes", type=bounded(float, above=0), default=d(None),
+                     help="also a checkpoint every so many minutes (wall clock; for preemptible "
+                          "machines)")
+    run.add_argument("--tensorboard", action="store_true", default=d(False),
+                     help="also write TensorBoard event files in the run folder's tensorboard/ "
+                          "(losses, learning rate, images/s, mAP, test images with their "
+                          "detections); needs the tensorboard package")
     run.add_argument("--eval-every", type=bounded(int, 0), default=d(0),
                      help="test mAP every N iterations (0: never)")
     run.add_argument("--plot", nargs="+", metavar="RUN", default=d(None),
@@ -184,37 +204,13 @@ def parse_config(argv=None):
     """Command line -> config dict: defaults < preset < explicit arguments."""
     parser = build_parser()
     config = vars(parser.parse_args(argv))
-    if config["resume"] and config["init_from"]:
+    if config["resume"] not in (None, "auto") and config["init_from"]:
         parser.error("--init-from starts a new run; --resume continues one (a run started with "
-                     "--init-from resumes without it)")
+                     "--init-from resumes without it; --resume auto takes both)")
     if config["preset"]:
         config.update(PRESETS[config["preset"]])
         config.update(explicit_arguments(argv))
     return config
-
-
-# ------------------------------------------------------------------------------ distributed
-
-def setup_distributed(device_name):
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; returns (rank, world size, device)."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    rank = int(os.environ.get("RANK", 0))
-    device = pick_device(device_name)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
-
-
-def all_ranks_max(values, device, world):
-    """Element-wise max over ranks of a list of numbers (identity on one process)."""
-    if world == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
 
 
 # ------------------------------------------------------------------------------ data order
@@ -314,13 +310,17 @@ def non_finite_entries(state):
             if isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all()]
 
 
-def load_resume_state(path, config, explicit):
-    """Read a checkpoint to resume; its config wins, except settings given explicitly."""
+def load_resume_state(path, config, explicit, same_run=False):
+    """Read a checkpoint to resume; its config wins, except settings given explicitly.
+    same_run (--resume auto): the command is the run's own, restarted; a ValueError naming
+    the RUN_DEFINING settings it states otherwise."""
     path = Path(config["out"]) / "checkpoint.pt" if path == "latest" else Path(path)
     state = read_checkpoint(path, required=("model", "optimizer", "scaler", "config", "iteration"))
     saved = dict(state["config"])
     saved.setdefault("freeze", "none")        # checkpoints from before --freeze trained it all
     saved.setdefault("model", "ssd300")       # and from before SSD512
+    if same_run:
+        check_same_run(path, saved, config, explicit)
     for key in explicit:
         if key in KEPT_ON_RESUME and config[key] != saved.get(key):
             raise ValueError(f"{path} was trained with {key}={saved.get(key)!r}, "
@@ -329,6 +329,28 @@ def load_resume_state(path, config, explicit):
             saved[key] = config[key]
     saved["resume"] = str(path)
     return state, saved
+
+
+def check_same_run(path, saved, config, explicit):
+    """A ValueError in one line unless the settings the command states (on its command line
+    or through its preset) that define a run (RUN_DEFINING) are the checkpoint's; with
+    --scale-lr, as scaled."""
+    stated = set(explicit) | set(PRESETS.get(config["preset"] or "", {}))
+    command = dict(config)
+    if command["scale_lr"]:
+        apply_linear_scaling(command)
+        stated |= {"lr", "iterations", "lr_steps"}
+
+    def same(key):
+        ours, theirs = command[key], saved.get(key)
+        if key in ("data_folder", "init_from"):
+            return (ours is None) == (theirs is None) and (ours is None or Path(ours).resolve() == Path(theirs).resolve())
+        return (list(ours) == list(theirs)) if isinstance(ours, (list, tuple)) and theirs is not None else ours == theirs
+    differ = [key for key in RUN_DEFINING if key in stated and key in saved and not same(key)]
+    if differ:
+        raise ValueError(f"{path} is another run than this command's: "
+                         + ", ".join(f"{key} {saved[key]!r} there, {command[key]!r} here" for key in differ)
+                         + " (--resume auto continues the command's own run: choose another --out)")
 
 
 def load_init_state(path, config):
@@ -423,12 +445,12 @@ def plot_loss_curves(logs, png):
 # ------------------------------------------------------------------------------ training
 
 class StopRequest:
-    """While active, SIGINT/SIGTERM set a flag: the loop saves a checkpoint and exits after
-    the current step, with the shell's status for that signal (status: 130 for SIGINT, 143
-    for SIGTERM), so that a job script tells a preemption from a Ctrl-C. A second signal
-    stops at once."""
+    """While active, SIGINT, SIGTERM and SIGUSR1 set a flag: the loop saves a checkpoint and
+    exits before the next step, with the shell's status for that signal (status: 130 for
+    SIGINT, 143 for SIGTERM, 138 for SIGUSR1, Slurm's --signal=USR1@SECONDS warning), so that a
+    job script tells a preemption from a Ctrl-C. A second signal stops at once."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    SIGNALS = (signal.SIGINT, signal.SIGTERM) + ((signal.SIGUSR1,) if hasattr(signal, "SIGUSR1") else ())
 
     def __enter__(self):
         self.requested, self.signal = False, None
@@ -469,16 +491,26 @@ def end_data_workers(earlier):
 
 class TrainingStopped(Exception):
     """The run cannot go on; a checkpoint of its last weights has been saved first (where
-    they are finite). status: the exit status, 2 for bad input data, 1 for other failures."""
+    they are finite). status: the exit status, 2 for bad input data, 1 for other failures;
+    shown: False on the ranks that stop because another one met the problem (that one says it)."""
 
-    def __init__(self, message, status=1):
+    def __init__(self, message, status=1, shown=True):
         super().__init__(message)
-        self.status = status
+        self.status, self.shown = status, shown
 
 
 def is_worker_death(error):
     """Whether `error` is the DataLoader's report that one of its worker processes died."""
     return isinstance(error, RuntimeError) and str(error).startswith("DataLoader worker")
+
+
+# How gloo and NCCL report a collective that a dead process left.
+PEER_FAILURES = ("Connection reset by peer", "Connection closed by peer", "Connection refused", "NCCL")
+
+
+def is_peer_failure(error):
+    """Whether `error` is a collective's report that another process of the run is gone."""
+    return any(marker in str(error) for marker in PEER_FAILURES)
 
 
 class Trainer:
@@ -491,10 +523,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
 
-    def __init__(self, config, resume_state=None, init_state=None):
+    def __init__(self, config, resume_state=None, init_state=None, processes=None):
         self.config = config
         resumed = resume_state is not None
-        self._setup_process(resumed)
+        self._setup_process(resumed, processes)
         self._choose_precision()
         self._build_data()
         self._build_network(resumed)
@@ -517,21 +549,37 @@ class Trainer:
                              f"{config['iterations']}: nothing to train (give more --iterations)")
         return it == config["iterations"]
 
-    def _setup_process(self, resumed):
-        """Rank, world and device; refuse to overwrite a run by mistake; seed the RNG."""
+    def _setup_process(self, resumed, processes):
+        """Rank, world and device (distributed.join, unless given); one run per folder;
+        refuse to overwrite a run by mistake; seed the RNG."""
         config = self.config
-        self.rank, self.world, self.device = setup_distributed(config["device"])
-        self.main_process = self.rank == 0
+        self.processes = processes or join(config["device"])
+        self.rank, self.world, self.device = self.processes.rank, self.processes.world, self.processes.device
+        self.main_process = self.processes.main
         if config["batch_size"] % self.world:
             raise ValueError(f"--batch-size {config['batch_size']} is not divisible by "
                              f"{self.world} processes")
         self.out = Path(config["out"])
+        self.lock = self._lock_folder()
         if not resumed and (self.out / "checkpoint.pt").exists() and not config["overwrite"]:
             raise FileExistsError(f"{self.out} already holds a run: continue it with --resume, "
                                   "start again with --overwrite, or choose another --out")
         torch.manual_seed(config["seed"])
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
+
+    def _lock_folder(self):
+        """Rank 0 takes the run folder's lock (distributed.RunLock); every rank stops if it
+        cannot, rank 0 saying who holds it."""
+        lock, refusal = RunLock(self.out), None
+        if self.main_process:
+            try:
+                lock.acquire()
+            except FileExistsError as error:
+                refusal = error
+        if self.processes.agree([float(refusal is not None)])[0]:
+            raise refusal or TrainingStopped("the run folder is in use", status=2, shown=False)
+        return lock
 
     def _choose_precision(self):
         """The autocast dtype and memory format (--amp, --channels-last) for this device."""
@@ -643,40 +691,57 @@ class Trainer:
                 print(f"{self.config['resume']} has finished its {self.iteration} iterations: nothing to train")
             return 0
         self._prepare_folder()
-        evaluator = make_evaluator(self.config, self.device, self.dtype, self.memory_format) \
+        evaluator = make_evaluator(self.config, self.processes, self.dtype, self.memory_format) \
             if self.config["eval_every"] else None
+        self.tensorboard = TensorBoardLog(self.out, self.config["data_folder"]) \
+            if self.config.get("tensorboard") and self.main_process else None
         self.losses = RunningLosses(self.device, self.history[-1]["elapsed_s"] if self.history else 0.0,
                                     self.running_losses)
-        self.bad_steps, self.skipped_images, self.skipped_reads = 0, set(), 0
+        self.bad_steps, self.skipped_images, self.skipped_reads, self.bad_batches = 0, set(), 0, 0
+        self.saved_on_clock = time.monotonic()
         bar = tqdm(total=self.config["iterations"], initial=self.iteration, desc="train",
                    disable=not self.main_process, dynamic_ncols=True)
         self.model.train()
         stream = batches(self.loader, self.sampler, self.dataset, self.iteration)
         with bar, StopRequest() as stop:
             try:
-                if not self._train_loop(stream, evaluator, bar, stop):
-                    return stop.status
+                signum = self._train_loop(stream, evaluator, bar, stop)
+                if signum:
+                    return 128 + signum
             except RuntimeError as error:
-                if not is_worker_death(error):
-                    raise
-                return self._stop_at_worker_death(error, bar, stop)
+                if is_worker_death(error):
+                    return self._stop_at_worker_death(error, bar, stop)
+                if self.world > 1 and is_peer_failure(error):      # died without a word
+                    raise TrainingStopped(f"another process of the run died ({str(error).splitlines()[0][-120:]}); "
+                                          f"{self._last_good_weights()}: continue with --resume") from error
+                raise
         return self._finish()
 
     def _train_loop(self, stream, evaluator, bar, stop):
-        """Step, log, checkpoint, up to the last iteration; False when a signal stopped it
-        (after a checkpoint)."""
+        """Step, log, checkpoint, up to the last iteration; the number of the signal that
+        stopped it (after a checkpoint), or 0. Before each step the ranks agree (one exchange
+        on the CPU) on whether any of them has an unreadable image, was signalled, or (rank 0
+        on the clock: --save-minutes) is due to save, so that they all skip, stop or save at
+        the same step."""
         while self.iteration < self.config["iterations"]:
-            batch = self._readable(self._rendered(next(stream)))
-            terms, stop_now = self.step(batch, stop)
-            bar.update(1)
-            self._count(terms)
-            self._log_if_due(evaluator, bar, stop_now)
-            if stop_now:
+            batch = self._rendered(next(stream))
+            unreadable, signum, save_now = self.processes.agree(
+                [float(bool(batch.problems)), float(stop.signal or 0), float(self._save_due_on_clock())])
+            if signum:
                 bar.close()
                 self.save("interrupted")
-                return False
-            self._save_if_due()
-        return True
+                return int(signum)
+            if unreadable:
+                self._skip_unreadable(batch)
+                terms = None
+            else:
+                self.bad_batches = 0
+                terms = self.step(batch)
+                self._count(terms)
+            bar.update(1)
+            self._log_if_due(evaluator, bar)
+            self._save_if_due(bool(save_now))
+        return 0
 
     def _stop_at_worker_death(self, error, bar, stop):
         """A DataLoader worker died: save; the signal's exit status if a signal killed it,
@@ -697,6 +762,13 @@ class Trainer:
         check_ranks_agree(self.net, self.device, self.world, self.main_process)
         return 0
 
+    def close(self):
+        """End what the run holds: TensorBoard's files, the process groups, the folder's lock."""
+        if getattr(self, "tensorboard", None) is not None:
+            self.tensorboard.close()
+        self.processes.close()
+        self.lock.release()
+
     def _prepare_folder(self):
         """The run folder, cleared of an interrupted write's temporaries, and its log.csv."""
         if self.main_process:
@@ -707,8 +779,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ one training step
 
-    def step(self, batch, stop):
-        """One iteration. Returns (loss terms or None if skipped as non-finite, stop now)."""
+    def step(self, batch):
+        """One iteration: its loss terms, or None if its loss was not finite on some rank
+        (then no rank steps). Between the forward and the backward pass the ranks agree on
+        that (the one wait for the device per step) and on whether the forward pass raised on
+        any of them: then they all stop, with a checkpoint of the weights before the step,
+        and the rank that met the error raises it."""
         images = batch.images.to(self.device, non_blocking=True, memory_format=self.memory_format)
         boxes = [b.to(self.device, non_blocking=True) for b in batch.boxes]
         labels = [lab.to(self.device, non_blocking=True) for lab in batch.labels]
@@ -717,17 +793,28 @@ class Trainer:
             group["lr"] = lr * group["lr_mult"]
         # The forward pass updates batch norm's running statistics: a skipped step puts them back.
         statistics = [b.clone() for b in self.batch_norm_statistics]
-        terms = forward_loss(self.model, self.criterion, images, boxes, labels, self.dtype)
-        # One small exchange per step: every rank must skip or stop at the same iteration.
-        nonfinite, stop_now = all_ranks_max(
-            [float(not torch.isfinite(terms[0])), float(stop.requested)], self.device, self.world)
-        self.iteration += 1
-        if nonfinite:
+        error = None
+        try:
+            terms = forward_loss(self.model, self.criterion, images, boxes, labels, self.dtype)
+            nonfinite = float(not torch.isfinite(terms[0]))
+        except Exception as caught:                 # the others must hear of it, not wait for it
+            if self.world == 1:
+                raise
+            error, nonfinite = caught, 0.0
+        failed, nonfinite = self.processes.agree([float(error is not None), nonfinite])
+        if failed or nonfinite:
             for buffer, before in zip(self.batch_norm_statistics, statistics):
                 buffer.copy_(before)
-            return None, bool(stop_now)
+        if failed:
+            self.save("stopped: an error in a training step")
+            if error is not None:
+                raise error
+            raise TrainingStopped("another process of the run met an error", shown=False)
+        self.iteration += 1
+        if nonfinite:
+            return None
         backward_step(terms[0], self.optimizer, self.scaler)
-        return torch.stack([t.detach() for t in terms]).double(), bool(stop_now)
+        return torch.stack([t.detach() for t in terms]).double()
 
     def _rendered(self, batch):
         """The batch with its pixels: made on the device here with --gpu-augment (the images
@@ -737,23 +824,29 @@ class Trainer:
             return batch
         return render_batch(batch, self.device, self.memory_format, self.dataset.model_input)
 
-    def _readable(self, batch):
-        """The batch's readable samples. An unreadable image stops the run with a checkpoint
-        (the batch is not consumed: --resume reads it again), or with --skip-bad-images is
-        left out with a warning."""
-        if batch.problems and not self.config["skip_bad_images"]:
+    def _skip_unreadable(self, batch):
+        """Some rank's batch has an unreadable image (this one's, if batch.problems). Without
+        --skip-bad-images every rank stops, with a checkpoint (the batch is not consumed:
+        --resume reads it again), the rank that met it saying which; with it, every rank skips
+        the step (none trains on a smaller batch while the others wait), and a run of
+        MAX_BAD_BATCHES such batches stops it all the same."""
+        if not self.config["skip_bad_images"]:
             self.save("stopped at an unreadable image")
             raise TrainingStopped(f"{batch.problems[0]}. Replace or remove the image and continue "
-                                  "with --resume, or pass --skip-bad-images", status=2)
+                                  "with --resume, or pass --skip-bad-images" if batch.problems else
+                                  "another process of the run met an unreadable image",
+                                  status=2, shown=bool(batch.problems))
         for problem in batch.problems:
             tqdm.write(f"skipped: {problem}")
         self.skipped_images.update(batch.problems)          # each message names its file
         self.skipped_reads += len(batch.problems)
-        if not len(batch.images):
-            self.save("stopped: no image of a batch could be read")
-            raise TrainingStopped(f"no image of a batch could be read ({batch.problems[0]}, ...): "
-                                  "is the data folder complete?", status=2)
-        return batch
+        self.bad_batches += 1
+        self.iteration += 1
+        if self.bad_batches >= MAX_BAD_BATCHES:
+            self.save("stopped: batch after batch with unreadable images")
+            raise TrainingStopped(f"{MAX_BAD_BATCHES} batches in a row with unreadable images "
+                                  f"({(batch.problems or ['on another process'])[0]}, ...): is the "
+                                  "data folder complete?", status=2)
 
     def _count(self, terms):
         """Add a step's losses; stop after --max-bad-steps non-finite ones in a row."""
@@ -778,13 +871,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation and logging
 
-    def _log_if_due(self, evaluator, bar, stop_now):
-        """Every --print-every iterations (and at the end, or when stopping): a log.csv row,
-        with the test mAP when it is due, and the loss curve."""
+    def _log_if_due(self, evaluator, bar):
+        """Every --print-every iterations (and at the end): a log.csv row, with the test mAP
+        when it is due, and the loss curve."""
         config, it = self.config, self.iteration
         last = it == config["iterations"]
         evaluate = self._evaluation_due(evaluator)
-        if not self.losses.n or not (it % config["print_every"] == 0 or last or stop_now or evaluate):
+        if not self.losses.n or not (it % config["print_every"] == 0 or last or evaluate):
             return
         row = self.losses.row(it, learning_rate(it - 1, config), config["batch_size"], self.world)
         if evaluate:
@@ -794,7 +887,13 @@ class Trainer:
                         img_s=f"{row['images_per_s']:.1f}")
         if self.main_process:
             # The curve every 10th row, and whenever mAP is measured or the run ends.
-            self._write_log_files(plot=len(self.history) % 10 == 0 or evaluate or last or stop_now)
+            self._write_log_files(plot=len(self.history) % 10 == 0 or evaluate or last)
+        if self.tensorboard is not None:
+            self.tensorboard.row(row)
+            if evaluate or last:
+                self.net.eval()
+                self.tensorboard.detections(self.net, self.config["label_map"], it)
+                self.model.train()
 
     def _evaluation_due(self, evaluator):
         """Whether this iteration measures the test mAP: every --eval-every, and at the end."""
@@ -829,15 +928,23 @@ class Trainer:
                     f"{' ...' if len(bad) > 3 else ''} not finite. {self._last_good_weights()}; "
                     "try a lower --lr, a longer --warmup, or --amp off.")
             atomic_torch_save(state, self.out / "checkpoint.pt")
-            self.saved_at = self.iteration
+            self.saved_at, self.saved_on_clock = self.iteration, time.monotonic()
             tqdm.write(f"saved {self.out / 'checkpoint.pt'} at iteration {self.iteration} ({reason})")
 
-    def _save_if_due(self):
-        """A periodic checkpoint every --save-every iterations (the last has its own). A save
-        that fails (e.g. a full disk) is reported, each time, and training goes on."""
-        if self.iteration % self.config["save_every"] == 0 and self.iteration < self.config["iterations"]:
+    def _save_due_on_clock(self):
+        """Whether --save-minutes have passed since the last checkpoint (rank 0's clock
+        decides, for every rank: Processes.agree)."""
+        minutes = self.config.get("save_minutes")
+        return bool(minutes) and self.main_process and time.monotonic() - self.saved_on_clock >= 60 * minutes
+
+    def _save_if_due(self, on_clock=False):
+        """A periodic checkpoint every --save-every iterations (the last has its own), or when
+        the clock says so (--save-minutes). A save that fails (e.g. a full disk) is reported,
+        each time, and training goes on."""
+        last = self.iteration >= self.config["iterations"]
+        if not last and (on_clock or self.iteration % self.config["save_every"] == 0):
             try:
-                self.save("periodic")
+                self.save("on the clock" if on_clock else "periodic")
             except OSError as e:
                 kept = (f"iteration {self.saved_at}'s" if self.saved_at is not None else "no checkpoint")
                 tqdm.write(f"train.py: warning: {e}. Training goes on; {self.out} keeps {kept}, "
@@ -894,25 +1001,65 @@ class RunningLosses:
         return row
 
 
-def make_evaluator(config, device, dtype, memory_format):
-    """Test-set VOC07 mAP during training (on rank 0 only, other ranks wait), its images
-    decoded where the training images are (--gpu-augment)."""
+def make_evaluator(config, processes, dtype, memory_format):
+    """Test-set VOC07 mAP during training (on rank 0 only; the other ranks wait for it in
+    the control group), its images decoded where the training images are (--gpu-augment)."""
     from eval import evaluate
+    device = processes.device
     test_set = PascalVOCDataset(config["data_folder"], "test", on_error="mark",
                                 decode=decode_place(config.get("gpu_augment"), device),
                                 model_input=model_input(config))
 
     def run(net):
         result = ""
-        if not dist.is_initialized() or dist.get_rank() == 0:
+        if processes.main:
             result = evaluate(net, test_set, device, batch_size=max(1, config["batch_size"]),
                               workers=config["workers"], amp_dtype=dtype,
                               memory_format=memory_format, coco=False)["mAP_07"]
             tqdm.write(f"iteration-level test mAP (VOC07 11-point): {result:.4f}")
-        if dist.is_initialized():
-            dist.barrier()
+        processes.agree([0.0])
         return result
     return run
+
+
+class TensorBoardLog:
+    """--tensorboard: event files in the run folder's tensorboard/ (rank 0 writes them): each
+    log row's losses, learning rate and images/s, the test mAP where measured, and with each
+    measurement and at the end, the first few test images with the network's detections
+    (detect.py's drawing, its score threshold)."""
+
+    IMAGES = 4
+
+    def __init__(self, folder, data_folder):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as error:
+            raise ImportError("--tensorboard needs the tensorboard package: pip install tensorboard") from error
+        self.writer = SummaryWriter(str(Path(folder) / "tensorboard"))
+        try:
+            lists = PascalVOCDataset(data_folder, "test").lists
+            self.images = [lists.path(i) for i in range(min(self.IMAGES, len(lists)))]
+        except DataError:                                   # no test split: scalars only
+            self.images = []
+
+    def row(self, row):
+        for key in ("loss", "loc_loss", "conf_loss", "lr", "images_per_s"):
+            self.writer.add_scalar(key, row[key], row["iteration"])
+        if row["mAP"] != "":
+            self.writer.add_scalar("mAP_VOC07", row["mAP"], row["iteration"])
+        self.writer.flush()
+
+    def detections(self, net, label_map, iteration):
+        """The test images with `net`'s detections (net in eval mode)."""
+        from detect import detect_batch, draw_detections
+        images = [load_image(path, displayed=True) for path in self.images]
+        for k, (image, found) in enumerate(zip(images, detect_batch(net, images))):
+            drawn = np.asarray(draw_detections(image, *found, label_map))
+            self.writer.add_image(f"detections/{k}", drawn, iteration, dataformats="HWC")
+        self.writer.flush()
+
+    def close(self):
+        self.writer.close()
 
 
 def check_ranks_agree(net, device, world, main_process):
@@ -933,6 +1080,19 @@ def check_ranks_agree(net, device, world, main_process):
         print(f"weights identical on all {world} ranks")
 
 
+def resolve_auto_resume(config, main_process):
+    """--resume auto: the run folder's checkpoint if it has one ("latest"), else a new run
+    (None), said in the run's first line. Returns (the --resume to follow, whether the
+    command must be the checkpoint's run's own)."""
+    if config["resume"] != "auto":
+        return config["resume"], False
+    checkpoint = Path(config["out"]) / "checkpoint.pt"
+    if main_process:
+        print(f"--resume auto: continuing {checkpoint}" if checkpoint.exists() else
+              f"--resume auto: no checkpoint in {config['out']}: starting a new run")
+    return ("latest", True) if checkpoint.exists() else (None, False)
+
+
 def main(argv=None):
     config = parse_config(argv)
     if config["plot"]:
@@ -940,29 +1100,43 @@ def main(argv=None):
         print(f"wrote {config['plot_out']}")
         return 0
     children = set(multiprocessing.active_children())
+    trainer = None
+    main_process = int(os.environ.get("RANK", 0)) == 0
     try:
         state = init = None
+        config["resume"], same_run = resolve_auto_resume(config, main_process)
         if config["resume"]:
-            state, config = load_resume_state(config["resume"], config, explicit_arguments(argv))
+            state, config = load_resume_state(config["resume"], config, explicit_arguments(argv), same_run)
+            config["init_from"] = None if same_run else config["init_from"]
         else:
             init = load_init_state(config["init_from"], config) if config["init_from"] else None
             if config["scale_lr"]:
                 apply_linear_scaling(config)
-        code = Trainer(config, state, init).run()
+        trainer = Trainer(config, state, init)
+        code = trainer.run()
     except (DataError, FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        code = 2
+        code = fail(e, 2, shown=main_process)                # every rank meets these alike
     except TrainingStopped as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        code = e.status
+        code = fail(e, e.status, e.shown)
     except (OSError, FloatingPointError) as e:                   # a full disk, a diverged run...
-        print(f"train.py: error: {e}", file=sys.stderr)
-        code = 1
+        code = fail(e, 1, shown=main_process)
     finally:
         end_data_workers(children)
-        if dist.is_initialized():
+        if trainer is not None:
+            trainer.close()
+        elif dist.is_initialized():
             dist.destroy_process_group()
     return code
+
+
+def fail(error, status, shown):
+    """Say why the run stopped, in one line, where `shown` (and to torchrun, for its report);
+    the exit status."""
+    if shown:
+        line = f"train.py: error: {error}"
+        print(line, file=sys.stderr)
+        record_error(line)
+    return status
 
 
 if __name__ == "__main__":

@@ -601,8 +601,8 @@ def test_the_first_log_row_after_a_resume_averages_every_iteration_since_the_las
     assert train.main(run_args(shapes_lists, tmp_path / "straight", *settings)) == 0
     real = train.Trainer._save_if_due
 
-    def killed_after_saving(self):
-        real(self)
+    def killed_after_saving(self, *args):
+        real(self, *args)
         if self.iteration == 6:
             raise KeyboardInterrupt                     # as kill -9, after the save
     monkeypatch.setattr(train.Trainer, "_save_if_due", killed_after_saving)
