@@ -70,9 +70,13 @@ def test_test_classes_are_matched_to_the_checkpoints_by_name(checkpoint, shapes_
                                           {"background": 0, "square": 1, "triangle": 2, "circle": 3}), "r")
     subset = evaluate(relabelled_lists(shapes_lists, tmp_path / "subset", {"background": 0, "triangle": 2,
                                                                            "circle": 5}, keep=("circle", "triangle")), "s")
-    assert reordered["aps_07"] == reference["aps_07"] and reordered["coco"] == reference["coco"]
+    assert reordered["aps_07"] == reference["aps_07"]
     assert subset["aps_07"] == {c: reference["aps_07"][c] for c in ("circle", "triangle")}
-    assert subset["coco_per_class"]["circle"] == reference["coco_per_class"]["circle"]
+    # The COCO API's sums run in class order: equal to the last bits but one.
+    for found, expected in ((reordered["coco"], reference["coco"]),
+                            (subset["coco_per_class"]["circle"], reference["coco_per_class"]["circle"])):
+        assert found.keys() == expected.keys() and all(
+            (a is None and b is None) or a == pytest.approx(b, rel=1e-12) for a, b in zip(found.values(), expected.values()))
     other = relabelled_lists(shapes_lists, tmp_path / "other", json.loads((shapes_lists / "label_map.json").read_text()))
     (other / "label_map.json").write_text(json.dumps({"background": 0, "cat": 1, "dog": 2, "cow": 3}))
     capsys.readouterr()
