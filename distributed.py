@@ -119,14 +119,19 @@ def attempt_store(rank, world, timeout=JOIN_TIMEOUT):
     return dist.PrefixStore(f"ssd/{token}/", store)
 
 
-def record_error(message):
+def record_error(message, consequence=False):
     """Give torchrun the one line that says why this process stopped: its failure report
-    then ends with it ("traceback : ...") rather than with a pointer to its documentation."""
+    then ends with it ("traceback : ...") rather than with a pointer to its documentation.
+
+    torchrun names as the root cause the failure with the smallest timestamp, in whole
+    seconds, a tie going to the lowest rank; a process without an error file counts from
+    when torchrun saw it end. A `consequence` (this process stops because another one did)
+    is recorded one second later, so that the process that met the problem is the one named."""
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if path:
         with open(path, "w") as f:
             json.dump({"message": {"message": message, "extraInfo": {
-                "py_callstack": message, "timestamp": str(int(time.time()))}}}, f)
+                "py_callstack": message, "timestamp": str(int(time.time()) + consequence)}}}, f)
 
 
 class RunLock:

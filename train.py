@@ -1130,12 +1130,12 @@ def main(argv=None):
 
 
 def fail(error, status, shown):
-    """Say why the run stopped, in one line, where `shown` (and to torchrun, for its report);
-    the exit status."""
+    """Say why the run stopped, in one line, where `shown` (the other processes tell only
+    torchrun, as a consequence, for its report); the exit status."""
+    line = f"train.py: error: {error}"
     if shown:
-        line = f"train.py: error: {error}"
         print(line, file=sys.stderr)
-        record_error(line)
+    record_error(line, consequence=not shown)
     return status
 
 

@@ -154,6 +154,21 @@ def test_one_ranks_unreadable_image_stops_every_rank_then_is_skipped_by_all(shap
     assert state["iteration"] == 32 and [r["iteration"] for r in state["history"]][-1] == 32
 
 
+def test_torchrun_names_the_process_that_met_the_problem_not_the_one_that_stopped_with_it(tmp_path, monkeypatch,
+                                                                                           capsys):
+    """Rank 1 meets the problem, rank 0 stops because of it, both within one second: torchrun
+    (which orders failures by whole seconds, ties to the lowest rank) must name rank 1's line."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+    failures = {}
+    for rank, shown in ((1, True), (0, False)):
+        monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / f"error_{rank}.json"))
+        assert train.fail(train.TrainingStopped("the problem" if shown else "another process stopped"), 2, shown) == 2
+        failures[rank] = ProcessFailure(rank, 100 + rank, 2, str(tmp_path / f"error_{rank}.json"))
+    assert capsys.readouterr().err == "train.py: error: the problem\n"
+    rank, failure = ChildFailedError("train.py", dict(sorted(failures.items()))).get_first_failure()
+    assert rank == 1 and failure.message["message"] == "train.py: error: the problem"
+
+
 # ------------------------------------------------------------------------------ one process
 
 def test_a_second_run_in_the_same_folder_is_refused_until_the_first_is_gone(shapes_lists, tmp_path, capsys):
