@@ -282,7 +282,7 @@ def tagged_sample(rng):
 def test_train_transform_properties():
     rng = np.random.default_rng(0)
     checked_alignment = 0
-    for i in range(2000):
+    for i in range(1000):
         torch.manual_seed(i)
         image, boxes, labels, difficulties = train_transform(*tagged_sample(rng))
         assert image.shape == (3, 300, 300) and image.dtype == torch.float32
@@ -296,7 +296,7 @@ def test_train_transform_properties():
         ratios = ((boxes[:, 2] - boxes[:, 0]) / (boxes[:, 3] - boxes[:, 1]) / ASPECTS[labels - 1])[unclipped]
         assert torch.allclose(ratios, ratios[:1].expand_as(ratios), rtol=1e-3), f"misaligned in sample {i}"
         checked_alignment += len(ratios) >= 2
-    assert checked_alignment > 500
+    assert checked_alignment > 250
 
 
 def test_crops_meet_caffes_sampler_constraints():

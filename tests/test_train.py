@@ -1,6 +1,5 @@
 """train.py: learning, exact resume, torchrun, checkpoints, non-finite losses, bad data."""
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -232,20 +231,6 @@ def test_resume_refuses_another_model_or_foreign_files(shapes_lists, tmp_path, c
     # Starting again in a run folder that holds a checkpoint needs --overwrite.
     assert train.main(run_args(shapes_lists, tmp_path, "--iterations", "2")) == 2
     assert "--overwrite" in capsys.readouterr().err
-
-
-def test_torchrun_two_processes_keep_identical_weights_with_resnet34(shapes_lists, tmp_path):
-    """The ResNet-34 base (trained batch norm) under DDP; VGG16's: tests/test_distributed.py."""
-    out = tmp_path / "ddp"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = start(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]
-                 + run_args(shapes_lists, out, "--iterations", "4", "--device", "cpu", "--backbone", "resnet34"),
-                 env=env)
-    output = proc.communicate(timeout=300)[0]
-    assert proc.returncode == 0, output
-    assert "weights identical on all 2 ranks" in output
-    assert sorted(p.name for p in out.iterdir()) == [".train.lock", "checkpoint.pt", "log.csv", "loss_curve.png"]
-    assert torch.load(out / "checkpoint.pt", weights_only=True)["iteration"] == 4
 
 
 def test_non_finite_losses_are_skipped_then_stop_the_run(shapes_lists, tmp_path, monkeypatch):
