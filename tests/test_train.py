@@ -74,14 +74,16 @@ def test_explicit_arguments_beat_the_preset():
 
 
 def test_training_lowers_loss_and_raises_map(shapes_lists, tmp_path):
+    """150 steps of the toy preset: mAP 0.26 to 0.29 here (seeds 0 and 1; AVX-512 and AVX2
+    kernels), the loss down to 0.3 of its first logged value."""
     torch.manual_seed(0)
     test_set = PascalVOCDataset(shapes_lists, "test")
     width = train.PRESETS["toy"]["width"]
     untrained = model.SSD(len(test_set.label_map), width=width, base_bn=train.PRESETS["toy"]["base_bn"])
     before = evaluation.evaluate(untrained, test_set, torch.device("cpu"), workers=0, progress=False)
     args = ["--preset", "toy", "--data-folder", str(shapes_lists), "--out", str(tmp_path),
-            "--iterations", "200", "--lr-steps", "200", "--warmup", "20", "--print-every", "20",
-            "--workers", "0", "--eval-every", "200", "--amp", "off"]
+            "--iterations", "150", "--lr-steps", "150", "--warmup", "15", "--print-every", "15",
+            "--workers", "0", "--eval-every", "150", "--amp", "off"]
     assert train.main(args) == 0
     net, checkpoint = model.load_checkpoint(tmp_path / "checkpoint.pt")
     after = evaluation.evaluate(net, test_set, torch.device("cpu"), workers=0, progress=False)
