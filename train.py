@@ -18,6 +18,7 @@ Ctrl-C), log.csv and loss_curve.png.
 """
 import argparse
 import csv
+import importlib.util
 import multiprocessing
 import os
 import signal
@@ -207,6 +208,8 @@ def parse_config(argv=None):
     if config["resume"] not in (None, "auto") and config["init_from"]:
         parser.error("--init-from starts a new run; --resume continues one (a run started with "
                      "--init-from resumes without it; --resume auto takes both)")
+    if config["tensorboard"] and importlib.util.find_spec("tensorboard") is None:    # on every rank
+        parser.error("--tensorboard needs the tensorboard package: pip install tensorboard")
     if config["preset"]:
         config.update(PRESETS[config["preset"]])
         config.update(explicit_arguments(argv))
@@ -325,7 +328,9 @@ def load_resume_state(path, config, explicit, same_run=False):
         if key in KEPT_ON_RESUME and config[key] != saved.get(key):
             raise ValueError(f"{path} was trained with {key}={saved.get(key)!r}, "
                              f"not {config[key]!r}: start a new run folder instead")
-        if key not in ("resume", "preset"):
+        # A restart's run-defining settings are the checkpoint's, checked equal above: with
+        # --scale-lr the command states them before scaling, the checkpoint after.
+        if key not in ("resume", "preset") and not (same_run and key in RUN_DEFINING):
             saved[key] = config[key]
     saved["resume"] = str(path)
     return state, saved
@@ -490,8 +495,8 @@ def end_data_workers(earlier):
 
 
 class TrainingStopped(Exception):
-    """The run cannot go on; a checkpoint of its last weights has been saved first (where
-    they are finite). status: the exit status, 2 for bad input data, 1 for other failures;
+    """The run cannot go on; where it was training and could still save (no other process
+    gone), a checkpoint of its last (finite) weights has been saved first. status: the exit status, 2 for bad input data, 1 for other failures;
     shown: False on the ranks that stop because another one met the problem (that one says it)."""
 
     def __init__(self, message, status=1, shown=True):
@@ -523,10 +528,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
 
-    def __init__(self, config, resume_state=None, init_state=None, processes=None):
+    def __init__(self, config, resume_state=None, init_state=None):
         self.config = config
         resumed = resume_state is not None
-        self._setup_process(resumed, processes)
+        self._setup_process(resumed)
         self._choose_precision()
         self._build_data()
         self._build_network(resumed)
@@ -537,6 +542,7 @@ class Trainer:
         self.iteration, self.history, self.running_losses, self.saved_at = 0, [], None, None
         if resumed:
             self._restore(resume_state)
+        self._check_ranks_start_alike()
         self.model = self._wrap_for_ddp_and_compile(self.net)
 
     @property
@@ -549,11 +555,11 @@ class Trainer:
                              f"{config['iterations']}: nothing to train (give more --iterations)")
         return it == config["iterations"]
 
-    def _setup_process(self, resumed, processes):
-        """Rank, world and device (distributed.join, unless given); one run per folder;
+    def _setup_process(self, resumed):
+        """Rank, world and device (distributed.join); one run per folder;
         refuse to overwrite a run by mistake; seed the RNG."""
         config = self.config
-        self.processes = processes or join(config["device"])
+        self.processes = join(config["device"])
         self.rank, self.world, self.device = self.processes.rank, self.processes.world, self.processes.device
         self.main_process = self.processes.main
         if config["batch_size"] % self.world:
@@ -567,6 +573,15 @@ class Trainer:
         torch.manual_seed(config["seed"])
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
+
+    def _check_ranks_start_alike(self):
+        """Every rank starts at the same iteration: each read the checkpoint (or found none) on
+        its own, and a shared file system whose caches lag can show one of them an older one."""
+        low, high = self.processes.agree([-self.iteration, self.iteration])
+        if -low != high:
+            raise ValueError(f"the processes of the run start at different iterations ({-low:.0f} to "
+                             f"{high:.0f}): they read different checkpoints in {self.out}. Do they all "
+                             "see the same file system, up to date?")
 
     def _lock_folder(self):
         """Rank 0 takes the run folder's lock (distributed.RunLock); every rank stops if it
@@ -807,8 +822,8 @@ class Trainer:
                 buffer.copy_(before)
         if failed:
             self.save("stopped: an error in a training step")
-            if error is not None:
-                raise error
+            if error is not None:                   # said by this rank, whichever it is
+                raise TrainingStopped(f"a training step failed: {type(error).__name__}: {error}") from error
             raise TrainingStopped("another process of the run met an error", shown=False)
         self.iteration += 1
         if nonfinite:
@@ -946,6 +961,7 @@ class Trainer:
             try:
                 self.save("on the clock" if on_clock else "periodic")
             except OSError as e:
+                self.saved_on_clock = time.monotonic()      # next try: --save-minutes on, not every step
                 kept = (f"iteration {self.saved_at}'s" if self.saved_at is not None else "no checkpoint")
                 tqdm.write(f"train.py: warning: {e}. Training goes on; {self.out} keeps {kept}, "
                            "and log.csv runs ahead of it", file=sys.stderr)
@@ -1031,16 +1047,12 @@ class TensorBoardLog:
     IMAGES = 4
 
     def __init__(self, folder, data_folder):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as error:
-            raise ImportError("--tensorboard needs the tensorboard package: pip install tensorboard") from error
+        from torch.utils.tensorboard import SummaryWriter   # there: parse_config checks
         self.writer = SummaryWriter(str(Path(folder) / "tensorboard"))
-        try:
+        self.images = []                                    # without a test split: scalars only
+        if (Path(data_folder) / "TEST_images.json").exists():
             lists = PascalVOCDataset(data_folder, "test").lists
             self.images = [lists.path(i) for i in range(min(self.IMAGES, len(lists)))]
-        except DataError:                                   # no test split: scalars only
-            self.images = []
 
     def row(self, row):
         for key in ("loss", "loc_loss", "conf_loss", "lr", "images_per_s"):
@@ -1052,8 +1064,13 @@ class TensorBoardLog:
     def detections(self, net, label_map, iteration):
         """The test images with `net`'s detections (net in eval mode)."""
         from detect import detect_batch, draw_detections
-        images = [load_image(path, displayed=True) for path in self.images]
-        for k, (image, found) in enumerate(zip(images, detect_batch(net, images))):
+        images = []
+        for path in self.images:
+            try:
+                images.append(load_image(path, displayed=True))
+            except DataError as error:                      # a picture fewer, not a stopped run
+                tqdm.write(f"train.py: warning: --tensorboard: {error}", file=sys.stderr)
+        for k, (image, found) in enumerate(zip(images, detect_batch(net, images) if images else [])):
             drawn = np.asarray(draw_detections(image, *found, label_map))
             self.writer.add_image(f"detections/{k}", drawn, iteration, dataformats="HWC")
         self.writer.flush()

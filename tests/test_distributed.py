@@ -24,12 +24,23 @@ RUN = TINY + ["--device", "cpu", "--backbone", "resnet34", "--iterations", "16",
               "--print-every", "4"]
 
 
-def torchrun(launcher, args, **kwargs):
-    """torchrun (its launcher options) running train.py with args, output captured."""
+def torchrun(launcher, args):
+    """torchrun (its launcher options) running train.py with args, output captured; in a
+    process group of its own with its workers (finished() can end them all)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")          # as torchrun sets it for several per node
     return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *launcher, "train.py", *args],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            **kwargs)
+                            start_new_session=True)
+
+
+def finished(proc, timeout):
+    """A torchrun's output once it has ended; past `timeout` s it is killed with its workers
+    (none left behind) and the test fails with what it printed."""
+    try:
+        return proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"torchrun still running after {timeout} s:\n{proc.communicate()[0]}")
 
 
 def parameters(checkpoint):
@@ -63,7 +74,7 @@ def uninterrupted(shapes_lists, tmp_path_factory):
     out = tmp_path_factory.mktemp("uninterrupted") / "run"
     proc = torchrun(["--standalone", "--nproc_per_node=2"], RUN + ["--data-folder", str(shapes_lists),
                                                                    "--out", str(out), "--resume", "auto"])
-    output = proc.communicate(timeout=300)[0]
+    output = finished(proc, 300)
     assert proc.returncode == 0, output
     return out, output
 
@@ -89,9 +100,9 @@ def test_a_killed_worker_is_restarted_and_the_run_ends_as_if_never_stopped(unint
     while not (out / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
     workers = sorted(children(proc.pid))
-    assert len(workers) == 2 and proc.poll() is None, proc.communicate()[0]
+    assert len(workers) == 2 and proc.poll() is None, finished(proc, 300)
     os.kill(workers[0], signal.SIGKILL)                   # the first started: rank 0
-    output = proc.communicate(timeout=300)[0]
+    output = finished(proc, 300)
     assert proc.returncode == 0, output
     assert f"--resume auto: continuing {out / 'checkpoint.pt'}" in output, output
     expected = parameters(uninterrupted[0] / "checkpoint.pt")
@@ -108,7 +119,12 @@ def test_two_nodes_train_one_run(uninterrupted, shapes_lists, tmp_path):
     launcher = ["--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
                 f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-id=two-nodes"]
     agents = [torchrun(launcher, RUN + ["--data-folder", str(shapes_lists), "--out", str(out)]) for _ in range(2)]
-    outputs = [agent.communicate(timeout=300)[0] for agent in agents]
+    try:
+        outputs = [finished(agent, 300) for agent in agents]
+    finally:
+        for agent in agents:
+            if agent.poll() is None:
+                os.killpg(agent.pid, signal.SIGKILL)
     assert all(agent.returncode == 0 for agent in agents), outputs
     assert any("weights identical on all 2 ranks" in output for output in outputs)
     expected, found = parameters(uninterrupted[0] / "checkpoint.pt"), parameters(out / "checkpoint.pt")
@@ -143,7 +159,7 @@ def test_one_ranks_unreadable_image_stops_every_rank_then_is_skipped_by_all(shap
     args = RUN + ["--data-folder", str(data), "--out", str(out), "--resume", "auto"]
     started = time.monotonic()
     proc = torchrun(["--standalone", "--nproc_per_node=2"], args)
-    output = proc.communicate(timeout=120)[0]
+    output = finished(proc, 120)
     assert proc.returncode != 0 and time.monotonic() - started < 30, output
     lines = [line.strip() for line in output.splitlines() if line.strip() and not line.startswith("=")]
     assert lines[-1].startswith(f"traceback : train.py: error: {bad}: cannot read image") \
@@ -151,7 +167,7 @@ def test_one_ranks_unreadable_image_stops_every_rank_then_is_skipped_by_all(shap
     assert "[rank0]" not in output and "Connection closed by peer" not in output, output
     assert torch.load(out / "checkpoint.pt", weights_only=True)["iteration"] == 2
     proc = torchrun(["--standalone", "--nproc_per_node=2"], args + ["--skip-bad-images"])
-    output = proc.communicate(timeout=300)[0]
+    output = finished(proc, 300)
     assert proc.returncode == 0, output
     assert f"skipped: {bad}: cannot read image" in output and "weights identical on all 2 ranks" in output
     state = torch.load(out / "checkpoint.pt", weights_only=True)
@@ -207,6 +223,53 @@ def test_resume_auto_starts_continues_and_refuses_another_run(shapes_lists, tmp_
         train.parse_config(["--resume", "--init-from", "x.pt"])
 
 
+def test_a_failed_training_step_is_said_by_the_rank_that_met_it(shapes_lists, tmp_path, monkeypatch):
+    """Rank 1 of 2 (this process as it sees its part: the others agreeing only on its flag):
+    the step's error becomes its one line, shown whichever rank it is (rank 0 saves)."""
+    from distributed import Processes
+    trainer = train.Trainer(train.parse_config(TINY + ["--iterations", "4", "--data-folder", str(shapes_lists),
+                                                       "--out", str(tmp_path)]))
+    try:
+        trainer.processes, trainer.world, trainer.main_process = Processes(1, 2, torch.device("cpu")), 2, False
+        monkeypatch.setattr(train, "forward_loss", lambda *args: 1 / 0)
+        batch = trainer._rendered(next(train.batches(trainer.loader, trainer.sampler, trainer.dataset, 0)))
+        with pytest.raises(train.TrainingStopped) as stopped:
+            trainer.step(batch)
+        assert stopped.value.shown and stopped.value.status == 1
+        assert str(stopped.value) == "a training step failed: ZeroDivisionError: division by zero"
+    finally:
+        trainer.close()
+
+
+def test_ranks_that_found_different_checkpoints_stop_together(shapes_lists, tmp_path, monkeypatch, capsys):
+    """This process starts a new run while another rank (as the agreement shows it) resumed at
+    iteration 8: a shared folder that one node saw out of date. One line, before any step."""
+    from distributed import Processes
+
+    class OtherRankResumedAt8(Processes):
+        def agree(self, values):                       # the iteration check: [-iteration, iteration]
+            return [max(v, 8.0 * sign) for v, sign in zip(values, (-1, 1))] if len(values) == 2 else list(values)
+
+    monkeypatch.setattr(train, "join", lambda device: OtherRankResumedAt8(0, 1, torch.device("cpu")))
+    assert train.main(TINY + ["--iterations", "16", "--data-folder", str(shapes_lists), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"train.py: error: the processes of the run start at different iterations (0 to 8): they read "
+                   f"different checkpoints in {tmp_path}. Do they all see the same file system, up to date?"]
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_resume_auto_keeps_the_scaled_schedule(shapes_lists, tmp_path):
+    """--scale-lr with the schedule stated: the restarted command states it before scaling,
+    the checkpoint holds it after; the restart trains the checkpoint's (batch 4: 1/8 the lr,
+    8x the iterations)."""
+    argv = TINY + ["--data-folder", str(shapes_lists), "--out", str(tmp_path), "--resume", "auto", "--scale-lr",
+                   "--iterations", "1", "--lr-steps", "1"]
+    assert train.main(argv) == 0
+    config = train.parse_config(argv)
+    _, resumed = train.load_resume_state("latest", config, train.explicit_arguments(argv), same_run=True)
+    assert (resumed["iterations"], resumed["lr_steps"], resumed["lr"]) == (8, [8], pytest.approx(0.001 / 8))
+
+
 def test_sigusr1_saves_and_exits_138(shapes_lists, tmp_path, monkeypatch):
     """Slurm's --signal=USR1@SECONDS warning: a checkpoint at the current step, and the
     shell's status for SIGUSR1, so that the job script knows to requeue."""
@@ -238,3 +301,26 @@ def test_tensorboard_gets_the_log_the_map_and_detections(shapes_lists, tmp_path)
     assert {"loss", "loc_loss", "conf_loss", "lr", "images_per_s", "mAP_VOC07"} <= set(tags["scalars"])
     assert [e.step for e in events.Scalars("loss")] == [2, 4]
     assert len(tags["images"]) == 4 and events.Images(tags["images"][0])[-1].step == 4
+
+
+def test_tensorboard_draws_the_readable_test_images_and_names_the_other(shapes_lists, tmp_path, capsys):
+    data = tmp_path / "lists"
+    data.mkdir()
+    for f in shapes_lists.glob("*.json"):
+        (data / f.name).write_text(f.read_text())
+    images = json.loads((data / "TEST_images.json").read_text())
+    (tmp_path / "cut.jpg").write_bytes(Path(images[1]).read_bytes()[:400])
+    images[1] = str(tmp_path / "cut.jpg")
+    (data / "TEST_images.json").write_text(json.dumps(images))
+    assert train.main(TINY + ["--iterations", "2", "--tensorboard", "--data-folder", str(data),
+                              "--out", str(tmp_path / "run")]) == 0
+    assert f"train.py: warning: --tensorboard: {tmp_path / 'cut.jpg'}: cannot read image" in capsys.readouterr().err
+
+
+def test_tensorboard_without_its_package_is_one_line(shapes_lists, tmp_path, monkeypatch, capsys):
+    real = train.importlib.util.find_spec
+    monkeypatch.setattr(train.importlib.util, "find_spec", lambda name: None if name == "tensorboard" else real(name))
+    with pytest.raises(SystemExit):
+        train.parse_config(TINY + ["--tensorboard", "--data-folder", str(shapes_lists), "--out", str(tmp_path)])
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "--tensorboard needs the tensorboard package: pip install tensorboard")
