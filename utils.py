@@ -404,11 +404,11 @@ def load_tensors(path, mmap=False):
     """torch.load of a file that must hold only tensors and plain Python values
     (weights_only=True). A ValueError in one line for anything else, saying why: a file
     that names Python code to run is refused for that reason (torch's own message would
-    advise loading it with weights_only=False, which runs that code). FileNotFoundError as
-    torch raises it."""
+    advise loading it with weights_only=False, which runs that code). An OSError (a missing
+    or unreadable file: not the file's fault) as torch raises it."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except FileNotFoundError:
+    except OSError:
         raise
     except Exception as error:                 # torch.load's many ways to fail on a bad file
         raise ValueError(f"{path}: {load_failure(error)}") from None

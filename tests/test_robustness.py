@@ -526,6 +526,14 @@ def test_a_random_file_as_checkpoint_is_a_bad_input_everywhere(tmp_path, capsys)
         assert str(noise) in capsys.readouterr().err
 
 
+def test_a_file_that_cannot_be_read_is_not_called_a_bad_file(tmp_path):
+    """A folder, a missing file: the system's error (a runtime failure, exit 1), not "not a
+    PyTorch file" (bad input)."""
+    for path in (tmp_path, tmp_path / "missing.pt"):
+        with pytest.raises(OSError):
+            utils.load_tensors(path)
+
+
 def test_a_full_disk_is_reported_as_one(tmp_path, monkeypatch):
     """torch's zip writer says "unexpected pos" when the disk fills up under it; the write's
     own error is what the user needs."""
