@@ -89,9 +89,7 @@ def evaluate(net, dataset, device, batch_size=32, workers=2, amp_dtype=None,
     dets, truth = predict(net, dataset, device, batch_size, workers, amp_dtype, memory_format,
                           progress=progress, **decode)
     images_per_s = len(dataset) / (time.perf_counter() - start)
-    n_classes = net.n_classes
-    if lookup is not None:
-        dets, n_classes = relabelled(dets, lookup), max(dataset.label_map.values()) + 1
+    dets, n_classes = in_dataset_classes(dets, lookup, dataset.label_map, net.n_classes)
     args = (dets["boxes"], dets["labels"], dets["scores"], truth["boxes"], truth["labels"],
             truth["difficulties"], n_classes)
     names = {i: name for name, i in dataset.label_map.items() if i > 0}
@@ -140,6 +138,14 @@ def relabelled(dets, lookup):
         out["labels"].append(mapped[kept])
         out["scores"].append(scores[kept])
     return out
+
+
+def in_dataset_classes(dets, lookup, label_map, n_classes):
+    """The detections counted as the dataset's classes (relabelled through class_lookup's
+    `lookup`; as they are where it is None), and the number of class indices to score."""
+    if lookup is None:
+        return dets, n_classes
+    return relabelled(dets, lookup), max(label_map.values()) + 1
 
 
 def coco_inputs(dets, dataset):

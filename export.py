@@ -46,9 +46,9 @@ the VOC07 mAP of both. On CPUs without VNNI instructions the integer kernels can
 Before it reports success, the file is checked with onnx.checker and run by onnxruntime on a
 few images (--check-images, or three generated shapes images) next to the PyTorch model:
 the same labels, and boxes and scores within 1e-4 (of the image size, for boxes); otherwise
-the exit status is 1 and the file is left in place for inspection. Exit status 2: a bad argument
-or input (a checkpoint that is not one, unreadable --check-images), nothing written. Needs the
-onnx and onnxruntime packages.
+the exit status is 1 and the float32 file is left in place for inspection (with --int8 nothing
+is written). Exit status 2: a bad argument or input (a checkpoint that is not one, unreadable
+--check-images or lists), nothing written. Needs the onnx and onnxruntime packages.
 """
 import argparse
 import io
@@ -65,7 +65,7 @@ import torch.nn as nn
 from datasets import DataError, PascalVOCDataset, load_image, model_input, to_model_input
 from shapes import make_shapes_dataset
 from detect import find_images, import_optional
-from eval import class_lookup, relabelled
+from eval import class_lookup, in_dataset_classes
 from metrics import calculate_mAP
 from model import decode_predictions, detect_objects, load_checkpoint
 from utils import DRAW_DECODING, EVAL_DECODING, HelpFormatter, atomic_write, bounded, pairwise_iou, writable_folder
@@ -396,10 +396,10 @@ def int8_report(float_session, int8_session, lists, spec, label_map, n_classes, 
     """One line on the INT8 model against the float32 one: on the test split's first
     max_images (with each one's VOC07 mAP), or without a test split on training images that
     calibration did not see."""
-    try:
+    if (Path(lists) / "TEST_images.json").exists():
         dataset = PascalVOCDataset(lists, "test", model_input=spec)
         indices, where = list(range(min(max_images, len(dataset)))), "test images"
-    except DataError:
+    else:
         dataset = PascalVOCDataset(lists, "train", augment=False, model_input=spec)
         unseen = sorted(set(range(len(dataset))) - set(calibrated))
         indices, where = unseen[:max_images], "training images not used for calibration (no test split)"
@@ -411,17 +411,12 @@ def int8_report(float_session, int8_session, lists, spec, label_map, n_classes, 
             f"detections scoring >= {DRAW_DECODING.min_score} found again (same label, IoU >= 0.5)")
     if where == "test images":
         lookup = class_lookup(label_map, dataset.label_map, n_classes)
-        truth = [dataset.lists.objects(i) for i in indices]
-        sizes = torch.tensor([dataset.lists.size(i) or (1, 1) for i in indices], dtype=torch.float32).repeat(1, 2)
-        truth_boxes = [b / size for (b, _, _), size in zip(truth, sizes)]
+        truth = list(zip(*(dataset[i][1:4] for i in indices)))        # fractions, as the detections
         maps = []
         for dets in (float_dets, int8_dets):
-            dets = dict(zip(("boxes", "labels", "scores"), map(list, zip(*dets))))
-            if lookup is not None:
-                dets = relabelled(dets, lookup)
-            maps.append(calculate_mAP(dets["boxes"], dets["labels"], dets["scores"], truth_boxes,
-                                      [t[1] for t in truth], [t[2] for t in truth],
-                                      max(dataset.label_map.values()) + 1)[1])
+            dets, n_scored = in_dataset_classes(dict(zip(("boxes", "labels", "scores"), map(list, zip(*dets)))),
+                                                lookup, dataset.label_map, n_classes)
+            maps.append(calculate_mAP(dets["boxes"], dets["labels"], dets["scores"], *truth, n_scored)[1])
         line += "; VOC07 mAP " + ", ".join(f"{name} {'-' if m is None else f'{m:.4f}'}"
                                             for name, m in (("float32", maps[0]), ("INT8", maps[1])))
     return line
@@ -518,12 +513,13 @@ def write_int8(proto, float_session, calibration, net, checkpoint, args):
                                     method="min-max"))
     entry = model.metadata_props.add()
     entry.key, entry.value = "quantization", json.dumps(details)
-    with atomic_write(args.out, "wb") as f:
-        f.write(model.SerializeToString())
-    int8_session = ort.InferenceSession(str(args.out), providers=["CPUExecutionProvider"])
+    serialized = model.SerializeToString()
+    int8_session = ort.InferenceSession(serialized, providers=["CPUExecutionProvider"])
     comparison = ("INT8 not compared with float32 (--no-postprocess: no detections)" if args.postprocess is False
                   else int8_report(float_session, int8_session, args.calibrate, spec,
                                    checkpoint["config"]["label_map"], net.n_classes, indices, args.int8_check_images))
+    with atomic_write(args.out, "wb") as f:                 # only once the report could be made
+        f.write(serialized)
     return (f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB): INT8, weights "
             f"{details['weights']} ({why}), calibrated on {len(indices)} training images of {args.calibrate}\n"
             + comparison)
