@@ -670,6 +670,7 @@ def int8_matmul_rate(threads):
     (MatMulInteger, 2048^3): the ceiling its 8-bit convolutions can reach on this CPU."""
     import onnxruntime
     from onnx import TensorProto, helper, numpy_helper
+    from export import OPSET
     n = 2048
     rng = np.random.default_rng(0)
     weights = numpy_helper.from_array(rng.integers(-128, 128, (n, n)).astype(np.int8), "B")
@@ -678,7 +679,7 @@ def int8_matmul_rate(threads):
                               [helper.make_tensor_value_info("Y", TensorProto.INT32, [n, n])], [weights])
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
-    session = onnxruntime.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    session = onnxruntime.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
                                            .SerializeToString(), options, providers=["CPUExecutionProvider"])
     a = rng.integers(0, 256, (n, n)).astype(np.uint8)
     return 2 * n ** 3 / timed(lambda: session.run(None, {"A": a}), torch.device("cpu"), repeats=10)

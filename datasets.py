@@ -788,8 +788,9 @@ class ImageLists:
             print(f"{error}; reading the JSON lists instead", file=sys.stderr)
             return None
         if not usable or saved.get("fingerprint") != fingerprint:
-            print(f"{path} was made from other JSON lists (edited since?); reading the JSON lists "
-                  "instead (create_data_lists.py writes both again)", file=sys.stderr)
+            why = "was made from other JSON lists (edited since?)" if usable else "is not lists of this format"
+            print(f"{path} {why}; reading the JSON lists instead (create_data_lists.py writes both "
+                  "again)", file=sys.stderr)
             return None
         return cls(**{name: saved[name] for name in cls.FIELDS})
 
