@@ -496,8 +496,9 @@ def end_data_workers(earlier):
 
 class TrainingStopped(Exception):
     """The run cannot go on; where it was training and could still save (no other process
-    gone), a checkpoint of its last (finite) weights has been saved first. status: the exit status, 2 for bad input data, 1 for other failures;
-    shown: False on the ranks that stop because another one met the problem (that one says it)."""
+    gone), a checkpoint of its last (finite) weights has been saved first. status: the exit
+    status, 2 for bad input data, 1 for other failures; shown: False on the ranks that stop
+    because another one met the problem (that one says it)."""
 
     def __init__(self, message, status=1, shown=True):
         super().__init__(message)
