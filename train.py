@@ -667,8 +667,10 @@ class Trainer:
     def _build_optimiser(self):
         """The loss, the optimiser of the trained parameters, and the grad scaler (float16 only)."""
         self.criterion = MultiBoxLoss(self.net.priors_cxcy, loc_loss=self.config["loc_loss"])
+        # Batch norm's running statistics, and room for them as they were before a step (step()).
         self.batch_norm_statistics = [b for m in self.net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
                                       for b in m.buffers()]
+        self.statistics_before_step = [b.clone() for b in self.batch_norm_statistics]
         self.optimizer = make_optimizer(self.net, self.config)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
 
@@ -808,7 +810,10 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group["lr_mult"]
         # The forward pass updates batch norm's running statistics: a skipped step puts them back.
-        statistics = [b.clone() for b in self.batch_norm_statistics]
+        # One multi-tensor copy into tensors made once (not a new tensor per statistic per step:
+        # ResNet-34's 87 were 87 allocations and, on a GPU, 87 kernel launches).
+        if self.batch_norm_statistics:
+            torch._foreach_copy_(self.statistics_before_step, self.batch_norm_statistics)
         error = None
         try:
             terms = forward_loss(self.model, self.criterion, images, boxes, labels, self.dtype)
@@ -818,9 +823,8 @@ class Trainer:
                 raise
             error, nonfinite = caught, 0.0
         failed, nonfinite = self.processes.agree([float(error is not None), nonfinite])
-        if failed or nonfinite:
-            for buffer, before in zip(self.batch_norm_statistics, statistics):
-                buffer.copy_(before)
+        if (failed or nonfinite) and self.batch_norm_statistics:
+            torch._foreach_copy_(self.batch_norm_statistics, self.statistics_before_step)
         if failed:
             self.save("stopped: an error in a training step")
             if error is not None:                   # said by this rank, whichever it is
