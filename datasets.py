@@ -261,7 +261,12 @@ def read_undecoded(path, annotated_size=None):
     except UNREADABLE:
         pass                              # load_image reads it again and says why, by name
     image = load_image(path, annotated_size)
-    return torch.from_numpy(np.asarray(image).transpose(2, 0, 1).copy()), 1, image.size
+    return pixels_chw(image), 1, image.size
+
+
+def pixels_chw(image):
+    """A PIL RGB image's pixels: a contiguous uint8 tensor (3, H, W)."""
+    return torch.from_numpy(np.asarray(image).transpose(2, 0, 1).copy())
 
 
 def resize_as_torchvision(pixels, model_input):
@@ -303,7 +308,7 @@ def to_model_input(image, model_input=DEFAULT_INPUT):
     transform) is not resampled again."""
     size = model_input.size
     if model_input.resize == "torchvision":
-        return resize_as_torchvision(torch.from_numpy(np.asarray(image).transpose(2, 0, 1).copy()), model_input)
+        return resize_as_torchvision(pixels_chw(image), model_input)
     if image.size != (size, size):
         image = (resize_with_opencv(image, size) if model_input.resize == "opencv" else
                  resize_image(image, size))

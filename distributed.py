@@ -51,12 +51,18 @@ class Processes:
             dist.destroy_process_group()
 
 
+def launched_rank():
+    """This process's rank as torchrun gives it (RANK; 0 for a process on its own), known
+    before the process group exists."""
+    return int(os.environ.get("RANK", 0))
+
+
 def join(device_name):
     """This process's Processes, from torchrun's environment (WORLD_SIZE, RANK, LOCAL_RANK):
     its device (the LOCAL_RANK-th GPU with CUDA), and with several processes the device's
     process group (the default group) and the control group."""
     world = int(os.environ.get("WORLD_SIZE", 1))
-    rank = int(os.environ.get("RANK", 0))
+    rank = launched_rank()
     device = pick_device(device_name)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))

@@ -20,7 +20,6 @@ import argparse
 import csv
 import importlib.util
 import multiprocessing
-import os
 import signal
 import sys
 import time
@@ -36,7 +35,7 @@ from tqdm import tqdm
 
 from datasets import (CROP_POLICIES, ZOOM_OUT_MAX, DataError, PascalVOCDataset, check_same_classes,
                       collate_fn, load_image, model_input, start_loading)
-from distributed import RunLock, join, record_error
+from distributed import RunLock, join, launched_rank, record_error
 from gpu_augment import decode_place, render_batch
 from model import FREEZE_CHOICES, MODELS, SSD, MultiBoxLoss, load_for_new_classes, read_checkpoint
 from priors import PRIOR_CONFIGS, as_plain_dict, prior_config
@@ -1123,7 +1122,7 @@ def main(argv=None):
         return 0
     children = set(multiprocessing.active_children())
     trainer = None
-    main_process = int(os.environ.get("RANK", 0)) == 0
+    main_process = launched_rank() == 0
     try:
         state = init = None
         config["resume"], same_run = resolve_auto_resume(config, main_process)
